@@ -1,0 +1,84 @@
+# DyVE-Caffe: one build recipe for the patched Caffe, the tests and the reproduction.
+# Everything that is built lands in build/ (git-ignored). See README.md.
+
+SHELL := /bin/bash
+ROOT := $(abspath .)
+BUILD := $(ROOT)/build
+CAFFE_SRC := $(BUILD)/caffe-src
+CAFFE_BUILD := $(BUILD)/caffe
+BIN := $(BUILD)/bin
+CAFFE_DSC := $(BUILD)/src/caffe_1.0.0+git20180821.99bd997-8.dsc
+# pycaffe is built for, and must run with, Debian's Python and python3-numpy.
+PYTHON := /usr/bin/python3
+JOBS ?= $(shell nproc)
+
+OVERLAY_SOURCES := $(shell find caffe_dyve -type f)
+CAFFE_TARGETS := caffe.bin pycaffe convert_imageset compute_image_mean \
+	upgrade_net_proto_text convert_cifar_data
+TOOLS := tools/caffe tools/convert_imageset tools/compute_image_mean \
+	tools/upgrade_net_proto_text examples/cifar10/convert_cifar_data
+
+export PATH := $(BIN):$(PATH)
+export PYTHONPATH := $(CAFFE_SRC)/python:$(ROOT)/python
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: all build deps fetch env test test-cpp test-python reproduce prototxt clean
+
+all: build
+
+deps:
+	@bash scripts/install_deps.sh
+
+fetch: $(CAFFE_DSC)
+
+$(CAFFE_DSC): scripts/fetch_caffe_source.py | deps
+	@mkdir -p $(BUILD)/src
+	$(PYTHON) scripts/fetch_caffe_source.py --dest $(BUILD)/src
+
+# Unpacked, patched and overlaid source; only changed files are rewritten.
+$(CAFFE_SRC)/.dyve-prepared: $(CAFFE_DSC) $(OVERLAY_SOURCES) scripts/prepare_caffe_source.py
+	$(PYTHON) scripts/prepare_caffe_source.py --dsc $(CAFFE_DSC) --tree $(CAFFE_SRC) --overlay caffe_dyve
+	@touch $@
+
+# Rewritten by the preparation only when the overlay's file list changes.
+$(CAFFE_SRC)/.dyve-overlay-files: $(CAFFE_SRC)/.dyve-prepared
+	@:
+
+# CMake runs again only when new files appear (Caffe's CMake globs sources).
+$(CAFFE_BUILD)/CMakeCache.txt: $(CAFFE_SRC)/.dyve-overlay-files
+	@mkdir -p $(CAFFE_BUILD)
+	cd $(CAFFE_BUILD) && cmake $(CAFFE_SRC) -DCMAKE_BUILD_TYPE=Release \
+	  -DCPU_ONLY=ON -DBLAS=Open -DUSE_OPENCV=ON -DUSE_LMDB=ON -DUSE_LEVELDB=OFF \
+	  -DUSE_HDF5=ON -DBUILD_python=ON -DBUILD_python_layer=ON -Dpython_version=3 \
+	  -DPYTHON_EXECUTABLE=$(PYTHON) -DBUILD_docs=OFF -DBUILD_matlab=OFF -Wno-dev
+	@touch $@
+
+build: $(CAFFE_BUILD)/CMakeCache.txt $(CAFFE_SRC)/.dyve-prepared
+	$(MAKE) -C $(CAFFE_BUILD) -j$(JOBS) --no-print-directory $(CAFFE_TARGETS)
+	@mkdir -p $(BIN)
+	@for tool in $(TOOLS); do ln -sfn $(CAFFE_BUILD)/$$tool $(BIN)/$$(basename $$tool); done
+	@ln -sfn $(PYTHON) $(BIN)/python3
+
+# Prints the exports that put caffe, the converters and pycaffe + dyve on hand:
+#   eval "$(make -s env)"
+env:
+	@echo 'export PATH="$(BIN):$$PATH"'
+	@echo 'export PYTHONPATH="$(CAFFE_SRC)/python:$(ROOT)/python$${PYTHONPATH:+:$$PYTHONPATH}"'
+
+test: test-cpp test-python
+
+# The project's gtests plus the stock tests its patches could break.
+test-cpp: build
+	$(MAKE) -C $(CAFFE_BUILD) -j$(JOBS) --no-print-directory dyve_test.testbin
+	cd $(CAFFE_SRC) && $(CAFFE_BUILD)/test/dyve_test.testbin --gtest_filter='-*GPU*'
+
+test-python: build
+	$(PYTHON) -m pytest -q tests
+
+prototxt: build
+	$(PYTHON) -m dyve.gen_prototxt --out-dir prototxt
+
+reproduce: build
+
+clean:
+	rm -rf $(BUILD)

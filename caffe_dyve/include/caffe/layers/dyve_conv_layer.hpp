@@ -1,0 +1,76 @@
+#ifndef CAFFE_DYVE_CONV_LAYER_HPP_
+#define CAFFE_DYVE_CONV_LAYER_HPP_
+
+#include <string>
+#include <vector>
+
+#include "caffe/blob.hpp"
+#include "caffe/layer.hpp"
+#include "caffe/layers/conv_layer.hpp"
+#include "caffe/layers/dyve_layer.hpp"
+#include "caffe/proto/caffe.pb.h"
+
+namespace caffe {
+
+/**
+ * @brief A Convolution with DyVEDeep's dynamic effort knobs (SPET, exact
+ *        early termination, SDSS, SFMA), per docs/knobs.md of DyVE-Caffe.
+ *
+ * It takes convolution_param and holds the same learnable blobs as
+ * Convolution, so a stock caffemodel loads into it by layer name. The knobs
+ * come from dyve_param; with all of them off the forward pass is the stock
+ * one (followed by a ReLU when dyve_param.relu is set). With a knob on, each
+ * image is evaluated on rows of gathered inputs (im2col transposed), and work
+ * a knob skips is never executed.
+ *
+ * Weight-derived state (channel orders, sign splits, kernel sums) is rebuilt
+ * on the first forward after the weights change, as seen through the weight
+ * blob's write version: after CopyTrainedLayersFrom or a pycaffe assignment,
+ * never from the fillers of set-up.
+ *
+ * Backward delegates to Convolution's gradient (masked by the ReLU) and is
+ * refused while a knob is on.
+ */
+template <typename Dtype>
+class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
+ public:
+  explicit DyveConvolutionLayer(const LayerParameter& param)
+      : ConvolutionLayer<Dtype>(param), weights_version_(0),
+        state_stale_(true) {}
+  virtual void LayerSetUp(const vector<Blob<Dtype>*>& bottom,
+      const vector<Blob<Dtype>*>& top);
+  virtual void Reshape(const vector<Blob<Dtype>*>& bottom,
+      const vector<Blob<Dtype>*>& top);
+  virtual inline const char* type() const { return "DyveConvolution"; }
+
+  virtual const DyveEffort& effort() const { return effort_; }
+  virtual void ResetEffort() { effort_.Reset(); }
+  virtual const DyveParameter& dyve_param() const { return dyve_param_; }
+  virtual std::string SetDyveParam(const DyveParameter& param);
+
+ protected:
+  virtual void Forward_cpu(const vector<Blob<Dtype>*>& bottom,
+      const vector<Blob<Dtype>*>& top);
+  virtual void Backward_cpu(const vector<Blob<Dtype>*>& top,
+      const vector<bool>& propagate_down, const vector<Blob<Dtype>*>& bottom);
+
+ private:
+  /// Error for settings that conflict with the current shapes, or "".
+  std::string CheckShapes(const DyveParameter& param) const;
+  void RefreshWeightState();
+  void ForwardImage(const Dtype* input, Dtype* output);
+  /// Gathers the row of output position p for the live channels of a group.
+  void GatherRow(const Dtype* group_input, const std::vector<int>& channels,
+      int p, Dtype* row) const;
+
+  DyveParameter dyve_param_;
+  DyveEffort effort_;
+  uint64_t weights_version_;
+  bool state_stale_;
+  std::vector<DyveNeuronPlan<Dtype> > plans_;  // per group, no SFMA maps
+  std::vector<Dtype> rows_, z_, sfma_table_;
+};
+
+}  // namespace caffe
+
+#endif  // CAFFE_DYVE_CONV_LAYER_HPP_

@@ -1,0 +1,119 @@
+#ifndef CAFFE_DYVE_LAYER_HPP_
+#define CAFFE_DYVE_LAYER_HPP_
+
+#include <stdint.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "caffe/proto/caffe.pb.h"
+
+namespace caffe {
+
+/**
+ * @brief Effort counters of one DyVE layer, accumulated over forward passes.
+ *
+ * Their exact meaning is fixed by docs/knobs.md; the numpy oracle
+ * (python/dyve/pylayers.py) counts the same way. Invariant:
+ * macs_dense = macs_executed + the four macs_skipped_* counters.
+ */
+struct DyveEffort {
+  uint64_t forward_passes, images, outputs;
+  uint64_t macs_dense, macs_executed;
+  uint64_t macs_skipped_spet, macs_skipped_exact, macs_skipped_sdss,
+      macs_skipped_sfma;
+  uint64_t ops_spet, ops_exact, ops_sdss, ops_sfma;
+  uint64_t spet_zeroed, exact_stopped, sdss_filled, sfma_maps;
+
+  DyveEffort() { Reset(); }
+  void Reset();
+  /// (name, value) pairs in a fixed order, for printing and for pycaffe.
+  std::vector<std::pair<std::string, uint64_t> > Items() const;
+  /// One line: MACs executed of dense, then each knob's share and overhead.
+  std::string Summary() const;
+};
+
+/**
+ * @brief What DyveConvolution and DyveInnerProduct have in common beyond
+ *        Layer: their knob settings and their effort counters. The caffe CLI
+ *        and pycaffe reach a DyVE layer through this interface.
+ */
+class DyveLayer {
+ public:
+  virtual ~DyveLayer() {}
+  virtual const DyveEffort& effort() const = 0;
+  virtual void ResetEffort() = 0;
+  virtual const DyveParameter& dyve_param() const = 0;
+  /// Checks and applies new knob settings on a live layer, keeping its
+  /// weights. Returns "" on success, else an error naming layer and field
+  /// (the layer is then unchanged).
+  virtual std::string SetDyveParam(const DyveParameter& param) = 0;
+};
+
+/// Returns "" if `param` is valid for a layer of the given kind, else a
+/// message naming the layer and the offending field.
+std::string ValidateDyveParameter(const DyveParameter& param,
+    const std::string& layer_type, const std::string& layer_name,
+    bool is_convolution);
+
+/// True when any knob (SPET, exact mode, SDSS, SFMA) is on.
+bool DyveKnobsOn(const DyveParameter& param);
+
+/**
+ * @brief The neuron-level part of both DyVE layers: evaluates neurons with
+ *        SPET (approximate, per-layer or per-output order) and exact mode on
+ *        rows of inputs laid out in one fixed column order.
+ *
+ * A "row" holds the live inputs of one position (conv: taps of the live
+ * channels in the plan's channel order; inner product: the input vector).
+ * Dense and prefix sums run as one GEMM over many rows; only the surviving
+ * neurons are finished, one dot product each.
+ */
+template <typename Dtype>
+class DyveNeuronPlan {
+ public:
+  /// Weight-derived channel orders of one group: `weights` is O x (C*KK) in
+  /// natural order. Called whenever the weights or settings change.
+  void ComputeOrders(const DyveParameter& param, const Dtype* weights,
+      int num_output, int channels, int taps);
+  /// Builds the plan for the live channels (`constant[c]` marks the channels
+  /// SFMA removed; empty = none).
+  void Build(const DyveParameter& param, const Dtype* weights,
+      const std::vector<bool>& constant);
+
+  /// Live channels in row order.
+  const std::vector<int>& row_channels() const { return row_channels_; }
+  int row_length() const { return row_length_; }
+
+  /// z holds rows x num_output initial values (bias and SFMA term); on return
+  /// it holds the outputs (after ReLU when param.relu()).
+  void EvaluateRows(const Dtype* rows, int num_rows, Dtype* z,
+      DyveEffort* effort) const;
+  /// Evaluates neuron o on one row, starting from z_init.
+  Dtype EvaluateNeuron(const Dtype* row, int o, Dtype z_init,
+      DyveEffort* effort) const;
+
+ private:
+  Dtype Finish(const Dtype* row, int o, Dtype z, DyveEffort* effort) const;
+
+  DyveParameter param_;
+  int num_output_, channels_, taps_;
+  // Orders from the weights (ComputeOrders).
+  std::vector<int> layer_order_;
+  std::vector<std::vector<int> > output_order_;
+  // The plan for one set of live channels (Build).
+  std::vector<int> row_channels_;
+  int row_length_;
+  int prefix_length_;                  // PER_LAYER: leading taps of a row
+  std::vector<Dtype> row_weights_;     // O x row_length_, row order
+  // PER_OUTPUT: per neuron, the prefix and the rest as row indices.
+  std::vector<std::vector<int> > prefix_index_, rest_index_;
+  // Exact mode: per neuron, the rest split by weight sign, in rest order.
+  std::vector<std::vector<int> > positive_index_, negative_index_;
+  std::vector<std::vector<Dtype> > positive_weight_, negative_weight_;
+};
+
+}  // namespace caffe
+
+#endif  // CAFFE_DYVE_LAYER_HPP_

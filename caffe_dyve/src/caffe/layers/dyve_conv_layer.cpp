@@ -1,0 +1,368 @@
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "caffe/layers/dyve_conv_layer.hpp"
+
+namespace caffe {
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::LayerSetUp(
+    const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
+  ConvolutionLayer<Dtype>::LayerSetUp(bottom, top);
+  dyve_param_ = this->layer_param_.dyve_param();
+  const std::string error = ValidateDyveParameter(dyve_param_, type(),
+      this->layer_param_.name(), true);
+  CHECK(error.empty()) << error;
+}
+
+template <typename Dtype>
+std::string DyveConvolutionLayer<Dtype>::CheckShapes(
+    const DyveParameter& param) const {
+  const std::string where =
+      std::string(type()) + " layer '" + this->layer_param_.name() + "': ";
+  if (DyveKnobsOn(param) && this->num_spatial_axes_ != 2) {
+    return where + "dyve_param knobs need 2 spatial axes (got " +
+        std::to_string(this->num_spatial_axes_) + ")";
+  }
+  if (param.sdss().enabled() && this->output_shape_.size() == 2 &&
+      this->output_shape_[0] * this->output_shape_[1] == 1) {
+    return where + "dyve_param.sdss needs an output map larger than 1x1 "
+        "(this layer's output is 1x1, nothing can be sampled)";
+  }
+  return "";
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::Reshape(const vector<Blob<Dtype>*>& bottom,
+    const vector<Blob<Dtype>*>& top) {
+  ConvolutionLayer<Dtype>::Reshape(bottom, top);
+  const std::string error = CheckShapes(dyve_param_);
+  CHECK(error.empty()) << error;
+}
+
+template <typename Dtype>
+std::string DyveConvolutionLayer<Dtype>::SetDyveParam(
+    const DyveParameter& param) {
+  std::string error = ValidateDyveParameter(param, type(),
+      this->layer_param_.name(), true);
+  if (error.empty()) error = CheckShapes(param);
+  if (!error.empty()) return error;
+  dyve_param_ = param;
+  *this->layer_param_.mutable_dyve_param() = param;
+  state_stale_ = true;
+  return "";
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::RefreshWeightState() {
+  const uint64_t version = this->blobs_[0]->data()->version();
+  if (!state_stale_ && version == weights_version_) return;
+  const int groups = this->group_;
+  const int group_outputs = this->num_output_ / groups;
+  const int group_channels = this->channels_ / groups;
+  const int taps = this->blobs_[0]->count(2);
+  const Dtype* weights = this->blobs_[0]->cpu_data();
+  plans_.resize(groups);
+  for (int g = 0; g < groups; ++g) {
+    const Dtype* group_weights =
+        weights + g * group_outputs * group_channels * taps;
+    plans_[g].ComputeOrders(dyve_param_, group_weights, group_outputs,
+        group_channels, taps);
+    plans_[g].Build(dyve_param_, group_weights, std::vector<bool>());
+  }
+  weights_version_ = this->blobs_[0]->data()->version();
+  state_stale_ = false;
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::GatherRow(const Dtype* group_input,
+    const std::vector<int>& channels, int p, Dtype* row) const {
+  const int height = this->conv_input_shape_.cpu_data()[1];
+  const int width = this->conv_input_shape_.cpu_data()[2];
+  const int* kernel = this->kernel_shape_.cpu_data();
+  const int* stride = this->stride_.cpu_data();
+  const int* pad = this->pad_.cpu_data();
+  const int* dilation = this->dilation_.cpu_data();
+  const int y = p / this->output_shape_[1], x = p % this->output_shape_[1];
+  const int top = y * stride[0] - pad[0], left = x * stride[1] - pad[1];
+  for (int k = 0; k < channels.size(); ++k) {
+    const Dtype* map = group_input + channels[k] * height * width;
+    for (int kh = 0; kh < kernel[0]; ++kh) {
+      const int ih = top + kh * dilation[0];
+      const bool row_inside = ih >= 0 && ih < height;
+      for (int kw = 0; kw < kernel[1]; ++kw) {
+        const int iw = left + kw * dilation[1];
+        *row++ = (row_inside && iw >= 0 && iw < width) ?
+            map[ih * width + iw] : Dtype(0);
+      }
+    }
+  }
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
+    Dtype* output) {
+  const int channels = this->channels_;
+  const int height = this->conv_input_shape_.cpu_data()[1];
+  const int width = this->conv_input_shape_.cpu_data()[2];
+  const int map_size = height * width;
+  const int out_height = this->output_shape_[0];
+  const int out_width = this->output_shape_[1];
+  const int positions = out_height * out_width;
+  const int* kernel = this->kernel_shape_.cpu_data();
+  const int* stride = this->stride_.cpu_data();
+  const int* pad = this->pad_.cpu_data();
+  const int* dilation = this->dilation_.cpu_data();
+  const int taps = kernel[0] * kernel[1];
+  const int groups = this->group_;
+  const int group_outputs = this->num_output_ / groups;
+  const int group_channels = channels / groups;
+  const int fan_in = group_channels * taps;
+  const Dtype* weights = this->blobs_[0]->cpu_data();
+  const Dtype* bias = this->bias_term_ ? this->blobs_[1]->cpu_data() : NULL;
+  effort_.images += 1;
+  effort_.outputs += static_cast<uint64_t>(this->num_output_) * positions;
+  effort_.macs_dense +=
+      static_cast<uint64_t>(this->num_output_) * positions * fan_in;
+
+  // SFMA: find the (nearly) constant input maps of this image.
+  std::vector<bool> constant(channels, false);
+  std::vector<Dtype> mean(channels, Dtype(0));
+  if (dyve_param_.sfma().enabled()) {
+    const bool use_range =
+        dyve_param_.sfma().spread() == DyveSfmaParameter_Spread_RANGE;
+    for (int c = 0; c < channels; ++c) {
+      const Dtype* map = input + c * map_size;
+      double sum = 0, low = map[0], high = map[0];
+      for (int i = 0; i < map_size; ++i) {
+        sum += map[i];
+        low = std::min<double>(low, map[i]);
+        high = std::max<double>(high, map[i]);
+      }
+      const double mu = sum / map_size;
+      double spread = high - low;
+      if (!use_range) {
+        double squares = 0;
+        for (int i = 0; i < map_size; ++i) {
+          squares += (map[i] - mu) * (map[i] - mu);
+        }
+        spread = std::sqrt(squares / map_size);
+      }
+      effort_.ops_sfma += 3 * map_size + 1;
+      mean[c] = mu;
+      constant[c] = spread <= dyve_param_.sfma().threshold();
+      effort_.sfma_maps += constant[c];
+    }
+  }
+
+  const bool sdss = dyve_param_.sdss().enabled();
+  const int sample = dyve_param_.sdss().stride();
+  for (int g = 0; g < groups; ++g) {
+    const Dtype* group_input = input + g * group_channels * map_size;
+    const Dtype* group_weights =
+        weights + g * group_outputs * group_channels * taps;
+    const std::vector<bool> group_constant(constant.begin() + g * group_channels,
+        constant.begin() + (g + 1) * group_channels);
+    const int constant_count =
+        std::count(group_constant.begin(), group_constant.end(), true);
+    DyveNeuronPlan<Dtype> reduced_plan;
+    const DyveNeuronPlan<Dtype>* plan = &plans_[g];
+    if (constant_count > 0) {
+      // This image's live channels differ: a plan without the constant maps.
+      reduced_plan = plans_[g];
+      reduced_plan.Build(dyve_param_, group_weights, group_constant);
+      plan = &reduced_plan;
+      // Summed kernel of the constant maps and its summed-area table, so the
+      // taps that fall into the zero padding are left out exactly.
+      sfma_table_.assign(group_outputs * (kernel[0] + 1) * (kernel[1] + 1), 0);
+      for (int o = 0; o < group_outputs; ++o) {
+        Dtype* table = &sfma_table_[o * (kernel[0] + 1) * (kernel[1] + 1)];
+        for (int kh = 0; kh < kernel[0]; ++kh) {
+          for (int kw = 0; kw < kernel[1]; ++kw) {
+            Dtype summed = 0;
+            for (int c = 0; c < group_channels; ++c) {
+              if (!group_constant[c]) continue;
+              summed += mean[g * group_channels + c] * group_weights[
+                  ((o * group_channels + c) * kernel[0] + kh) * kernel[1] + kw];
+            }
+            table[(kh + 1) * (kernel[1] + 1) + kw + 1] = summed
+                + table[kh * (kernel[1] + 1) + kw + 1]
+                + table[(kh + 1) * (kernel[1] + 1) + kw]
+                - table[kh * (kernel[1] + 1) + kw];
+          }
+        }
+      }
+      effort_.ops_sfma += static_cast<uint64_t>(group_outputs) *
+          (constant_count * taps + taps);
+    }
+    // The initial value of a computed neuron: bias plus the constant maps'
+    // contribution over the taps inside the input.
+    auto initial = [&](int o, int p) -> Dtype {
+      Dtype z = bias ? bias[g * group_outputs + o] : Dtype(0);
+      if (constant_count == 0) return z;
+      effort_.macs_skipped_sfma += constant_count * taps;
+      const int y = p / out_width, x = p % out_width;
+      const int top = y * stride[0] - pad[0], left = x * stride[1] - pad[1];
+      // Tap rows kh with 0 <= top + kh * dilation < height, likewise columns.
+      const int kh0 = std::max(0, (-top + dilation[0] - 1) / dilation[0]);
+      const int kh1 = std::min(kernel[0],
+          std::max(0, (height - top + dilation[0] - 1) / dilation[0]));
+      const int kw0 = std::max(0, (-left + dilation[1] - 1) / dilation[1]);
+      const int kw1 = std::min(kernel[1],
+          std::max(0, (width - left + dilation[1] - 1) / dilation[1]));
+      const Dtype* table = &sfma_table_[o * (kernel[0] + 1) * (kernel[1] + 1)];
+      const int cols = kernel[1] + 1;
+      if (kh0 == 0 && kh1 == kernel[0] && kw0 == 0 && kw1 == kernel[1]) {
+        effort_.ops_sfma += 1;
+        return z + table[kernel[0] * cols + kernel[1]];
+      }
+      effort_.ops_sfma += 4;
+      if (kh0 >= kh1 || kw0 >= kw1) return z;
+      return z + table[kh1 * cols + kw1] - table[kh0 * cols + kw1]
+          - table[kh1 * cols + kw0] + table[kh0 * cols + kw0];
+    };
+
+    // Dense or grid positions: gathered rows, then one GEMM-based pass.
+    std::vector<int> batch;
+    for (int p = 0; p < positions; ++p) {
+      const int y = p / out_width, x = p % out_width;
+      if (!sdss || (y % sample == 0 && x % sample == 0)) batch.push_back(p);
+    }
+    const int row_length = plan->row_length();
+    rows_.resize(std::max<size_t>(1, batch.size() * row_length));
+    z_.resize(batch.size() * group_outputs);
+    for (int r = 0; r < batch.size(); ++r) {
+      GatherRow(group_input, plan->row_channels(), batch[r],
+          &rows_[r * row_length]);
+      for (int o = 0; o < group_outputs; ++o) {
+        z_[r * group_outputs + o] = initial(o, batch[r]);
+      }
+    }
+    plan->EvaluateRows(rows_.data(), batch.size(), z_.data(), &effort_);
+    Dtype* group_output = output + g * group_outputs * positions;
+    for (int r = 0; r < batch.size(); ++r) {
+      for (int o = 0; o < group_outputs; ++o) {
+        group_output[o * positions + batch[r]] = z_[r * group_outputs + o];
+      }
+    }
+    if (!sdss) continue;
+
+    // SDSS: every other position is filled from its grid neighbours when they
+    // are all insignificant, else computed on its own.
+    const Dtype threshold = dyve_param_.sdss().threshold();
+    const bool fill_mean =
+        dyve_param_.sdss().fill() == DyveSdssParameter_Fill_MEAN;
+    std::vector<Dtype> row(std::max(1, row_length));
+    for (int p = 0; p < positions; ++p) {
+      const int y = p / out_width, x = p % out_width;
+      if (y % sample == 0 && x % sample == 0) continue;
+      const int y0 = y - y % sample, x0 = x - x % sample;
+      int ys[2] = {y0, y0 + sample}, xs[2] = {x0, x0 + sample};
+      const int ny = (y % sample != 0 && ys[1] < out_height) ? 2 : 1;
+      const int nx = (x % sample != 0 && xs[1] < out_width) ? 2 : 1;
+      bool gathered = false;
+      for (int o = 0; o < group_outputs; ++o) {
+        const Dtype* map = group_output + o * positions;
+        bool significant = false;
+        Dtype sum = 0;
+        for (int i = 0; i < ny && !significant; ++i) {
+          for (int j = 0; j < nx && !significant; ++j) {
+            const Dtype value = map[ys[i] * out_width + xs[j]];
+            effort_.ops_sdss += 1;
+            significant = value > threshold;
+            sum += value;
+          }
+        }
+        if (!significant) {
+          const int neighbours = ny * nx;
+          effort_.sdss_filled += 1;
+          effort_.macs_skipped_sdss += fan_in;
+          if (fill_mean) effort_.ops_sdss += neighbours;
+          group_output[o * positions + p] =
+              fill_mean ? sum / neighbours : Dtype(0);
+          continue;
+        }
+        if (!gathered) {
+          GatherRow(group_input, plan->row_channels(), p, row.data());
+          gathered = true;
+        }
+        group_output[o * positions + p] =
+            plan->EvaluateNeuron(row.data(), o, initial(o, p), &effort_);
+      }
+    }
+  }
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::Forward_cpu(
+    const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
+  effort_.forward_passes += 1;
+  if (!DyveKnobsOn(dyve_param_)) {
+    ConvolutionLayer<Dtype>::Forward_cpu(bottom, top);
+    const uint64_t fan_in = this->blobs_[0]->count(1);
+    for (int i = 0; i < top.size(); ++i) {
+      if (dyve_param_.relu()) {
+        Dtype* top_data = top[i]->mutable_cpu_data();
+        for (int j = 0; j < top[i]->count(); ++j) {
+          top_data[j] = std::max(top_data[j], Dtype(0));
+        }
+      }
+      effort_.images += this->num_;
+      effort_.outputs += top[i]->count();
+      effort_.macs_dense += top[i]->count() * fan_in;
+      effort_.macs_executed += top[i]->count() * fan_in;
+    }
+    return;
+  }
+  RefreshWeightState();
+  for (int i = 0; i < bottom.size(); ++i) {
+    const Dtype* bottom_data = bottom[i]->cpu_data();
+    if (dyve_param_.spet().exact()) {
+      // Exact mode is only exact for non-negative inputs (after a ReLU).
+      const Dtype lowest = *std::min_element(bottom_data,
+          bottom_data + bottom[i]->count());
+      CHECK_GE(lowest, 0) << type() << " layer '" << this->layer_param_.name()
+          << "': dyve_param.spet.exact needs non-negative inputs, but bottom '"
+          << this->layer_param_.bottom(i) << "' has " << lowest
+          << "; use exact mode only on layers whose input is rectified";
+    }
+    Dtype* top_data = top[i]->mutable_cpu_data();
+    for (int n = 0; n < this->num_; ++n) {
+      ForwardImage(bottom_data + n * this->bottom_dim_,
+          top_data + n * this->top_dim_);
+    }
+  }
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::Backward_cpu(
+    const vector<Blob<Dtype>*>& top, const vector<bool>& propagate_down,
+    const vector<Blob<Dtype>*>& bottom) {
+  bool needed = this->param_propagate_down(0) ||
+      (this->bias_term_ && this->param_propagate_down(1));
+  for (int i = 0; i < propagate_down.size(); ++i) {
+    needed = needed || propagate_down[i];
+  }
+  if (!needed) return;
+  CHECK(!DyveKnobsOn(dyve_param_)) << type() << " layer '"
+      << this->layer_param_.name() << "': Backward is not available while a "
+      << "dyve_param knob is on (the forward pass is approximate); train with "
+      << "every knob off";
+  if (dyve_param_.relu()) {
+    for (int i = 0; i < top.size(); ++i) {
+      const Dtype* top_data = top[i]->cpu_data();
+      Dtype* top_diff = top[i]->mutable_cpu_diff();
+      for (int j = 0; j < top[i]->count(); ++j) {
+        if (!(top_data[j] > 0)) top_diff[j] = 0;
+      }
+    }
+  }
+  ConvolutionLayer<Dtype>::Backward_cpu(top, propagate_down, bottom);
+}
+
+INSTANTIATE_CLASS(DyveConvolutionLayer);
+REGISTER_LAYER_CLASS(DyveConvolution);
+
+}  // namespace caffe

@@ -1,0 +1,126 @@
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "caffe/layers/dyve_inner_product_layer.hpp"
+
+namespace caffe {
+
+template <typename Dtype>
+void DyveInnerProductLayer<Dtype>::LayerSetUp(
+    const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
+  InnerProductLayer<Dtype>::LayerSetUp(bottom, top);
+  dyve_param_ = this->layer_param_.dyve_param();
+  const std::string error = ValidateDyveParameter(dyve_param_, type(),
+      this->layer_param_.name(), false);
+  CHECK(error.empty()) << error;
+}
+
+template <typename Dtype>
+std::string DyveInnerProductLayer<Dtype>::SetDyveParam(
+    const DyveParameter& param) {
+  const std::string error = ValidateDyveParameter(param, type(),
+      this->layer_param_.name(), false);
+  if (!error.empty()) return error;
+  dyve_param_ = param;
+  *this->layer_param_.mutable_dyve_param() = param;
+  state_stale_ = true;
+  return "";
+}
+
+template <typename Dtype>
+void DyveInnerProductLayer<Dtype>::RefreshWeightState() {
+  const uint64_t version = this->blobs_[0]->data()->version();
+  if (!state_stale_ && version == weights_version_) return;
+  const Dtype* weights = this->blobs_[0]->cpu_data();
+  std::vector<Dtype> transposed;
+  if (this->transpose_) {
+    // Stored K x N: the plan wants one row of K weights per output.
+    transposed.resize(this->K_ * this->N_);
+    for (int k = 0; k < this->K_; ++k) {
+      for (int n = 0; n < this->N_; ++n) {
+        transposed[n * this->K_ + k] = weights[k * this->N_ + n];
+      }
+    }
+    weights = transposed.data();
+  }
+  plan_.ComputeOrders(dyve_param_, weights, this->N_, this->K_, 1);
+  plan_.Build(dyve_param_, weights, std::vector<bool>());
+  weights_version_ = this->blobs_[0]->data()->version();
+  state_stale_ = false;
+}
+
+template <typename Dtype>
+void DyveInnerProductLayer<Dtype>::Forward_cpu(
+    const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
+  const int batch = this->M_, inputs = this->K_, outputs = this->N_;
+  const uint64_t neurons = static_cast<uint64_t>(batch) * outputs;
+  effort_.forward_passes += 1;
+  effort_.images += batch;
+  effort_.outputs += neurons;
+  effort_.macs_dense += neurons * inputs;
+  if (!DyveKnobsOn(dyve_param_)) {
+    InnerProductLayer<Dtype>::Forward_cpu(bottom, top);
+    if (dyve_param_.relu()) {
+      Dtype* top_data = top[0]->mutable_cpu_data();
+      for (int i = 0; i < top[0]->count(); ++i) {
+        top_data[i] = std::max(top_data[i], Dtype(0));
+      }
+    }
+    effort_.macs_executed += neurons * inputs;
+    return;
+  }
+  RefreshWeightState();
+  const Dtype* bottom_data = bottom[0]->cpu_data();
+  if (dyve_param_.spet().exact()) {
+    // Exact mode is only exact for non-negative inputs (after a ReLU).
+    const Dtype lowest = *std::min_element(bottom_data,
+        bottom_data + bottom[0]->count());
+    CHECK_GE(lowest, 0) << type() << " layer '" << this->layer_param_.name()
+        << "': dyve_param.spet.exact needs non-negative inputs, but bottom '"
+        << this->layer_param_.bottom(0) << "' has " << lowest
+        << "; use exact mode only on layers whose input is rectified";
+  }
+  // Rows are the inputs in the plan's order, so the SPET prefix is leading.
+  const std::vector<int>& order = plan_.row_channels();
+  rows_.resize(batch * inputs);
+  for (int m = 0; m < batch; ++m) {
+    for (int k = 0; k < inputs; ++k) {
+      rows_[m * inputs + k] = bottom_data[m * inputs + order[k]];
+    }
+  }
+  Dtype* top_data = top[0]->mutable_cpu_data();
+  for (int m = 0; m < batch; ++m) {
+    for (int n = 0; n < outputs; ++n) {
+      top_data[m * outputs + n] =
+          this->bias_term_ ? this->blobs_[1]->cpu_data()[n] : Dtype(0);
+    }
+  }
+  plan_.EvaluateRows(rows_.data(), batch, top_data, &effort_);
+}
+
+template <typename Dtype>
+void DyveInnerProductLayer<Dtype>::Backward_cpu(
+    const vector<Blob<Dtype>*>& top, const vector<bool>& propagate_down,
+    const vector<Blob<Dtype>*>& bottom) {
+  const bool needed = propagate_down[0] || this->param_propagate_down(0) ||
+      (this->bias_term_ && this->param_propagate_down(1));
+  if (!needed) return;
+  CHECK(!DyveKnobsOn(dyve_param_)) << type() << " layer '"
+      << this->layer_param_.name() << "': Backward is not available while a "
+      << "dyve_param knob is on (the forward pass is approximate); train with "
+      << "every knob off";
+  if (dyve_param_.relu()) {
+    const Dtype* top_data = top[0]->cpu_data();
+    Dtype* top_diff = top[0]->mutable_cpu_diff();
+    for (int i = 0; i < top[0]->count(); ++i) {
+      if (!(top_data[i] > 0)) top_diff[i] = 0;
+    }
+  }
+  InnerProductLayer<Dtype>::Backward_cpu(top, propagate_down, bottom);
+}
+
+INSTANTIATE_CLASS(DyveInnerProductLayer);
+REGISTER_LAYER_CLASS(DyveInnerProduct);
+
+}  // namespace caffe

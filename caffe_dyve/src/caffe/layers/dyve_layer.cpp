@@ -1,0 +1,347 @@
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "caffe/common.hpp"
+#include "caffe/layers/dyve_layer.hpp"
+#include "caffe/util/mkl_alternate.hpp"
+
+namespace caffe {
+
+void DyveEffort::Reset() {
+  forward_passes = images = outputs = 0;
+  macs_dense = macs_executed = 0;
+  macs_skipped_spet = macs_skipped_exact = macs_skipped_sdss = 0;
+  macs_skipped_sfma = 0;
+  ops_spet = ops_exact = ops_sdss = ops_sfma = 0;
+  spet_zeroed = exact_stopped = sdss_filled = sfma_maps = 0;
+}
+
+std::vector<std::pair<std::string, uint64_t> > DyveEffort::Items() const {
+  std::vector<std::pair<std::string, uint64_t> > items;
+#define DYVE_ITEM(name) items.push_back(std::make_pair(std::string(#name), name))
+  DYVE_ITEM(forward_passes); DYVE_ITEM(images); DYVE_ITEM(outputs);
+  DYVE_ITEM(macs_dense); DYVE_ITEM(macs_executed);
+  DYVE_ITEM(macs_skipped_spet); DYVE_ITEM(macs_skipped_exact);
+  DYVE_ITEM(macs_skipped_sdss); DYVE_ITEM(macs_skipped_sfma);
+  DYVE_ITEM(ops_spet); DYVE_ITEM(ops_exact); DYVE_ITEM(ops_sdss);
+  DYVE_ITEM(ops_sfma);
+  DYVE_ITEM(spet_zeroed); DYVE_ITEM(exact_stopped); DYVE_ITEM(sdss_filled);
+  DYVE_ITEM(sfma_maps);
+#undef DYVE_ITEM
+  return items;
+}
+
+std::string DyveEffort::Summary() const {
+  std::ostringstream out;
+  const double dense = macs_dense > 0 ? static_cast<double>(macs_dense) : 1.0;
+  const uint64_t overhead = ops_spet + ops_exact + ops_sdss + ops_sfma;
+  out << "images " << images << ", MACs executed " << macs_executed << " of "
+      << macs_dense << " (" << 100.0 * macs_executed / dense << "%); skipped:"
+      << " spet " << 100.0 * macs_skipped_spet / dense << "%,"
+      << " exact " << 100.0 * macs_skipped_exact / dense << "%,"
+      << " sdss " << 100.0 * macs_skipped_sdss / dense << "%,"
+      << " sfma " << 100.0 * macs_skipped_sfma / dense << "%;"
+      << " overhead ops " << overhead << "; neurons zeroed by spet "
+      << spet_zeroed << ", stopped by exact " << exact_stopped
+      << ", filled by sdss " << sdss_filled << "; maps replaced by sfma "
+      << sfma_maps;
+  return out.str();
+}
+
+bool DyveKnobsOn(const DyveParameter& param) {
+  return param.spet().enabled() || param.spet().exact() ||
+      param.sdss().enabled() || param.sfma().enabled();
+}
+
+std::string ValidateDyveParameter(const DyveParameter& param,
+    const std::string& layer_type, const std::string& layer_name,
+    bool is_convolution) {
+  std::ostringstream error;
+  const std::string where = layer_type + " layer '" + layer_name + "': ";
+  const DyveSpetParameter& spet = param.spet();
+  if (!(spet.fraction() > 0 && spet.fraction() <= 1)) {
+    error << where << "dyve_param.spet.fraction must be in (0, 1], got "
+          << spet.fraction();
+  } else if (spet.check_interval() < 1) {
+    error << where << "dyve_param.spet.check_interval must be >= 1";
+  } else if ((spet.enabled() || spet.exact()) && !param.relu()) {
+    error << where << "dyve_param.spet needs a rectified output: SPET and "
+          << "exact mode predict ReLU saturation, so set dyve_param.relu: true";
+  } else if (!std::isfinite(spet.threshold())) {
+    error << where << "dyve_param.spet.threshold must be finite";
+  } else if (!is_convolution && param.sdss().enabled()) {
+    error << where << "dyve_param.sdss applies to convolutions only";
+  } else if (!is_convolution && param.sfma().enabled()) {
+    error << where << "dyve_param.sfma applies to convolutions only";
+  } else if (param.sdss().stride() < 1) {
+    error << where << "dyve_param.sdss.stride must be >= 1, got "
+          << param.sdss().stride();
+  } else if (!(param.sdss().threshold() >= 0)) {
+    error << where << "dyve_param.sdss.threshold must be >= 0, got "
+          << param.sdss().threshold();
+  } else if (param.sdss().enabled() && !param.relu()) {
+    error << where << "dyve_param.sdss needs a rectified output (its "
+          << "significance test reads post-ReLU values), so set "
+          << "dyve_param.relu: true";
+  } else if (!(param.sfma().threshold() >= 0)) {
+    error << where << "dyve_param.sfma.threshold must be >= 0, got "
+          << param.sfma().threshold();
+  }
+  return error.str();
+}
+
+namespace {
+
+// Channels sorted by significance, descending; ties keep index order.
+std::vector<int> OrderBySignificance(const std::vector<double>& significance) {
+  std::vector<int> order(significance.size());
+  for (int c = 0; c < order.size(); ++c) order[c] = c;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return significance[a] > significance[b];
+  });
+  return order;
+}
+
+inline void GemmRowsByWeights(int rows, int outputs, int length,
+    const float* a, int lda, const float* w, int ldw, float* c) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, outputs, length,
+      1.f, a, lda, w, ldw, 1.f, c, outputs);
+}
+inline void GemmRowsByWeights(int rows, int outputs, int length,
+    const double* a, int lda, const double* w, int ldw, double* c) {
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, outputs, length,
+      1., a, lda, w, ldw, 1., c, outputs);
+}
+inline float Dot(int n, const float* x, const float* y) {
+  return cblas_sdot(n, x, 1, y, 1);
+}
+inline double Dot(int n, const double* x, const double* y) {
+  return cblas_ddot(n, x, 1, y, 1);
+}
+
+}  // namespace
+
+// The number of prefix channels: ceil(f * C) with a tolerance so that a float
+// f such as 0.3f gives the same count as the decimal 0.3; at least one.
+static int PrefixChannels(float fraction, int channels) {
+  const int count = static_cast<int>(std::ceil(
+      static_cast<double>(fraction) * channels - 1e-6));
+  return std::max(1, std::min(channels, count));
+}
+
+template <typename Dtype>
+void DyveNeuronPlan<Dtype>::ComputeOrders(const DyveParameter& param,
+    const Dtype* weights, int num_output, int channels, int taps) {
+  param_ = param;
+  num_output_ = num_output;
+  channels_ = channels;
+  taps_ = taps;
+  const bool spet = param.spet().enabled();
+  const bool per_output =
+      param.spet().ordering() == DyveSpetParameter_Ordering_PER_OUTPUT;
+  std::vector<double> layer_significance(channels, 0.0);
+  output_order_.assign(spet && per_output ? num_output : 0, std::vector<int>());
+  for (int o = 0; o < num_output; ++o) {
+    std::vector<double> significance(channels, 0.0);
+    for (int c = 0; c < channels; ++c) {
+      const Dtype* w = weights + (o * channels + c) * taps;
+      for (int t = 0; t < taps; ++t) significance[c] += std::fabs(w[t]);
+      layer_significance[c] += significance[c];
+    }
+    if (spet && per_output) output_order_[o] = OrderBySignificance(significance);
+  }
+  if (spet && !per_output) {
+    layer_order_ = OrderBySignificance(layer_significance);
+  } else {
+    layer_order_.resize(channels);
+    for (int c = 0; c < channels; ++c) layer_order_[c] = c;
+  }
+}
+
+template <typename Dtype>
+void DyveNeuronPlan<Dtype>::Build(const DyveParameter& param,
+    const Dtype* weights, const std::vector<bool>& constant) {
+  param_ = param;
+  const bool spet = param.spet().enabled();
+  const bool per_output = spet &&
+      param.spet().ordering() == DyveSpetParameter_Ordering_PER_OUTPUT;
+  const int prefix_channels = PrefixChannels(param.spet().fraction(), channels_);
+  // Row layout: the live channels in layer order (natural order unless SPET
+  // orders the layer), so the PER_LAYER prefix is the leading part of a row.
+  row_channels_.clear();
+  std::vector<int> row_position(channels_, -1);
+  int live_prefix_channels = 0;
+  for (int k = 0; k < channels_; ++k) {
+    const int c = layer_order_[k];
+    if (!constant.empty() && constant[c]) continue;
+    row_position[c] = row_channels_.size();
+    row_channels_.push_back(c);
+    if (k < prefix_channels) ++live_prefix_channels;
+  }
+  row_length_ = row_channels_.size() * taps_;
+  prefix_length_ = (spet && !per_output) ? live_prefix_channels * taps_ : 0;
+  row_weights_.resize(num_output_ * row_length_);
+  for (int o = 0; o < num_output_; ++o) {
+    for (int k = 0; k < row_channels_.size(); ++k) {
+      const Dtype* w = weights + (o * channels_ + row_channels_[k]) * taps_;
+      std::copy(w, w + taps_, &row_weights_[o * row_length_ + k * taps_]);
+    }
+  }
+  prefix_index_.assign(per_output ? num_output_ : 0, std::vector<int>());
+  rest_index_.assign(per_output ? num_output_ : 0, std::vector<int>());
+  for (int o = 0; o < prefix_index_.size(); ++o) {
+    for (int k = 0; k < channels_; ++k) {
+      const int position = row_position[output_order_[o][k]];
+      if (position < 0) continue;
+      std::vector<int>& index = k < prefix_channels ? prefix_index_[o]
+                                                    : rest_index_[o];
+      for (int t = 0; t < taps_; ++t) index.push_back(position * taps_ + t);
+    }
+  }
+  const bool exact = param.spet().exact();
+  positive_index_.assign(exact ? num_output_ : 0, std::vector<int>());
+  negative_index_.assign(exact ? num_output_ : 0, std::vector<int>());
+  positive_weight_.assign(exact ? num_output_ : 0, std::vector<Dtype>());
+  negative_weight_.assign(exact ? num_output_ : 0, std::vector<Dtype>());
+  for (int o = 0; o < positive_index_.size(); ++o) {
+    std::vector<int> rest;
+    if (per_output) {
+      rest = rest_index_[o];
+    } else {
+      for (int j = prefix_length_; j < row_length_; ++j) rest.push_back(j);
+    }
+    for (int i = 0; i < rest.size(); ++i) {
+      const Dtype w = row_weights_[o * row_length_ + rest[i]];
+      if (w >= 0) {
+        positive_index_[o].push_back(rest[i]);
+        positive_weight_[o].push_back(w);
+      } else {
+        negative_index_[o].push_back(rest[i]);
+        negative_weight_[o].push_back(w);
+      }
+    }
+  }
+}
+
+template <typename Dtype>
+void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
+    Dtype* z, DyveEffort* effort) const {
+  const bool spet = param_.spet().enabled();
+  const bool exact = param_.spet().exact();
+  const bool per_output =
+      param_.spet().ordering() == DyveSpetParameter_Ordering_PER_OUTPUT;
+  if (!spet && !exact) {
+    if (row_length_ > 0) {
+      GemmRowsByWeights(num_rows, num_output_, row_length_, rows, row_length_,
+          row_weights_.data(), row_length_, z);
+    }
+    effort->macs_executed +=
+        static_cast<uint64_t>(num_rows) * num_output_ * row_length_;
+    if (param_.relu()) {
+      for (int i = 0; i < num_rows * num_output_; ++i) {
+        z[i] = std::max(z[i], Dtype(0));
+      }
+    }
+    return;
+  }
+  if (spet && !per_output) {
+    // The prefix of every neuron as one GEMM; only survivors go on.
+    if (prefix_length_ > 0) {
+      GemmRowsByWeights(num_rows, num_output_, prefix_length_, rows,
+          row_length_, row_weights_.data(), row_length_, z);
+    }
+    effort->macs_executed +=
+        static_cast<uint64_t>(num_rows) * num_output_ * prefix_length_;
+    for (int r = 0; r < num_rows; ++r) {
+      for (int o = 0; o < num_output_; ++o) {
+        Dtype* value = z + r * num_output_ + o;
+        *value = Finish(rows + r * row_length_, o, *value, effort);
+      }
+    }
+    return;
+  }
+  for (int r = 0; r < num_rows; ++r) {
+    for (int o = 0; o < num_output_; ++o) {
+      Dtype* value = z + r * num_output_ + o;
+      *value = EvaluateNeuron(rows + r * row_length_, o, *value, effort);
+    }
+  }
+}
+
+template <typename Dtype>
+Dtype DyveNeuronPlan<Dtype>::EvaluateNeuron(const Dtype* row, int o,
+    Dtype z, DyveEffort* effort) const {
+  if (param_.spet().enabled()) {
+    if (prefix_index_.empty()) {
+      if (prefix_length_ > 0) {
+        z += Dot(prefix_length_, row, &row_weights_[o * row_length_]);
+      }
+      effort->macs_executed += prefix_length_;
+    } else {
+      const std::vector<int>& index = prefix_index_[o];
+      const Dtype* w = &row_weights_[o * row_length_];
+      for (int i = 0; i < index.size(); ++i) z += w[index[i]] * row[index[i]];
+      effort->macs_executed += index.size();
+    }
+  }
+  return Finish(row, o, z, effort);
+}
+
+template <typename Dtype>
+Dtype DyveNeuronPlan<Dtype>::Finish(const Dtype* row, int o, Dtype z,
+    DyveEffort* effort) const {
+  const Dtype* w = &row_weights_[o * row_length_];
+  if (param_.spet().enabled()) {
+    const int prefix =
+        prefix_index_.empty() ? prefix_length_ : prefix_index_[o].size();
+    effort->ops_spet += 1;
+    if (z < param_.spet().threshold()) {
+      effort->spet_zeroed += 1;
+      effort->macs_skipped_spet += row_length_ - prefix;
+      return Dtype(0);
+    }
+  }
+  if (param_.spet().exact()) {
+    const std::vector<int>& positive = positive_index_[o];
+    const Dtype* positive_w = positive_weight_[o].data();
+    for (int i = 0; i < positive.size(); ++i) {
+      z += positive_w[i] * row[positive[i]];
+    }
+    effort->macs_executed += positive.size();
+    const std::vector<int>& negative = negative_index_[o];
+    const Dtype* negative_w = negative_weight_[o].data();
+    const int count = negative.size();
+    const int interval = param_.spet().check_interval();
+    for (int start = 0; start < count; start += interval) {
+      // Inputs are >= 0 and these weights < 0: z can only fall from here.
+      effort->ops_exact += 1;
+      if (z < 0) {
+        effort->exact_stopped += 1;
+        effort->macs_skipped_exact += count - start;
+        return Dtype(0);
+      }
+      const int end = std::min(count, start + interval);
+      for (int i = start; i < end; ++i) z += negative_w[i] * row[negative[i]];
+      effort->macs_executed += end - start;
+    }
+  } else if (!rest_index_.empty()) {
+    const std::vector<int>& index = rest_index_[o];
+    for (int i = 0; i < index.size(); ++i) z += w[index[i]] * row[index[i]];
+    effort->macs_executed += index.size();
+  } else {
+    const int start = param_.spet().enabled() ? prefix_length_ : 0;
+    if (row_length_ > start) {
+      z += Dot(row_length_ - start, row + start, w + start);
+    }
+    effort->macs_executed += row_length_ - start;
+  }
+  return param_.relu() ? std::max(z, Dtype(0)) : z;
+}
+
+INSTANTIATE_CLASS(DyveNeuronPlan);
+
+}  // namespace caffe

@@ -1,0 +1,700 @@
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "google/protobuf/text_format.h"
+#include "gtest/gtest.h"
+
+#include "caffe/blob.hpp"
+#include "caffe/common.hpp"
+#include "caffe/filler.hpp"
+#include "caffe/layers/conv_layer.hpp"
+#include "caffe/layers/dyve_conv_layer.hpp"
+#include "caffe/net.hpp"
+#include "caffe/util/io.hpp"
+
+#include "caffe/test/test_caffe_main.hpp"
+
+namespace caffe {
+
+// Geometry of one test convolution (square or not, any group).
+struct ConvShape {
+  int num, channels, height, width, outputs;
+  int kernel_h, kernel_w, stride, pad, dilation, group;
+  bool bias;
+};
+
+template <typename TypeParam>
+class DyveConvolutionLayerTest : public MultiDeviceTest<TypeParam> {
+  typedef typename TypeParam::Dtype Dtype;
+
+ protected:
+  DyveConvolutionLayerTest()
+      : bottom_(new Blob<Dtype>()), top_(new Blob<Dtype>()),
+        stock_top_(new Blob<Dtype>()) {
+    bottom_vec_.push_back(bottom_);
+    top_vec_.push_back(top_);
+    stock_top_vec_.push_back(stock_top_);
+  }
+  virtual ~DyveConvolutionLayerTest() {
+    delete bottom_;
+    delete top_;
+    delete stock_top_;
+  }
+
+  LayerParameter ConvParam(const ConvShape& s) {
+    LayerParameter param;
+    param.set_name("dyve_conv");
+    ConvolutionParameter* conv = param.mutable_convolution_param();
+    conv->set_num_output(s.outputs);
+    conv->set_kernel_h(s.kernel_h);
+    conv->set_kernel_w(s.kernel_w);
+    conv->add_stride(s.stride);
+    conv->add_pad(s.pad);
+    conv->add_dilation(s.dilation);
+    conv->set_group(s.group);
+    conv->set_bias_term(s.bias);
+    conv->mutable_weight_filler()->set_type("gaussian");
+    conv->mutable_bias_filler()->set_type("gaussian");
+    return param;
+  }
+
+  // Fills the bottom: uniform in [low, high].
+  void FillBottom(const ConvShape& s, Dtype low, Dtype high) {
+    bottom_->Reshape(s.num, s.channels, s.height, s.width);
+    FillerParameter filler_param;
+    filler_param.set_min(low);
+    filler_param.set_max(high);
+    UniformFiller<Dtype> filler(filler_param);
+    filler.Fill(bottom_);
+  }
+
+  // Runs the stock Convolution with the DyVE layer's blobs into stock_top_.
+  void RunStock(const ConvShape& s, Layer<Dtype>* dyve, bool relu) {
+    ConvolutionLayer<Dtype> stock(ConvParam(s));
+    stock.SetUp(bottom_vec_, stock_top_vec_);
+    for (int i = 0; i < stock.blobs().size(); ++i) {
+      stock.blobs()[i]->CopyFrom(*dyve->blobs()[i]);
+    }
+    stock.Forward(bottom_vec_, stock_top_vec_);
+    if (relu) {
+      Dtype* data = stock_top_->mutable_cpu_data();
+      for (int i = 0; i < stock_top_->count(); ++i) {
+        data[i] = std::max(data[i], Dtype(0));
+      }
+    }
+  }
+
+  void ExpectTopsNear(Dtype relative) {
+    ASSERT_EQ(top_->shape(), stock_top_->shape());
+    for (int i = 0; i < top_->count(); ++i) {
+      const Dtype expected = stock_top_->cpu_data()[i];
+      EXPECT_NEAR(top_->cpu_data()[i], expected,
+          relative * std::max(Dtype(1), std::fabs(expected))) << "at " << i;
+    }
+  }
+
+  // Plain reference: the sum over the given group-local channels of the
+  // neuron (n, o, y, x), bias not included.
+  Dtype NeuronSum(const ConvShape& s, const Dtype* weights, int n, int o,
+      int y, int x, const std::vector<int>& channels) {
+    const int group_channels = s.channels / s.group;
+    const int g = o / (s.outputs / s.group);
+    Dtype sum = 0;
+    for (int k = 0; k < channels.size(); ++k) {
+      const int c = channels[k];
+      for (int kh = 0; kh < s.kernel_h; ++kh) {
+        for (int kw = 0; kw < s.kernel_w; ++kw) {
+          const int ih = y * s.stride - s.pad + kh * s.dilation;
+          const int iw = x * s.stride - s.pad + kw * s.dilation;
+          if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) continue;
+          sum += weights[((o * group_channels + c) * s.kernel_h + kh) *
+              s.kernel_w + kw] * bottom_->data_at(n, g * group_channels + c,
+                  ih, iw);
+        }
+      }
+    }
+    return sum;
+  }
+
+  static void ExpectBalanced(const DyveEffort& e) {
+    EXPECT_EQ(e.macs_dense, e.macs_executed + e.macs_skipped_spet +
+        e.macs_skipped_exact + e.macs_skipped_sdss + e.macs_skipped_sfma);
+  }
+
+  Blob<Dtype>* const bottom_;
+  Blob<Dtype>* const top_;
+  Blob<Dtype>* const stock_top_;
+  vector<Blob<Dtype>*> bottom_vec_, top_vec_, stock_top_vec_;
+};
+
+TYPED_TEST_CASE(DyveConvolutionLayerTest, TestDtypesAndDevices);
+
+// Shapes covering group > 1, stride, pad, dilation, batch > 1, 1x1, no bias.
+static std::vector<ConvShape> TestShapes() {
+  std::vector<ConvShape> shapes;
+  const ConvShape list[] = {
+    // num, C, H, W, O, kh, kw, stride, pad, dilation, group, bias
+    {2, 3, 9, 8, 4, 3, 3, 1, 0, 1, 1, true},
+    {2, 4, 11, 11, 6, 3, 3, 2, 1, 1, 2, true},
+    {1, 6, 10, 9, 4, 3, 2, 1, 2, 2, 2, false},
+    {3, 5, 6, 7, 7, 1, 1, 1, 0, 1, 1, true},
+    {2, 8, 7, 7, 8, 5, 5, 1, 2, 1, 4, true},
+  };
+  for (int i = 0; i < sizeof(list) / sizeof(list[0]); ++i) {
+    shapes.push_back(list[i]);
+  }
+  return shapes;
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestKnobsOffEqualsConvolution) {
+  typedef typename TypeParam::Dtype Dtype;
+  const std::vector<ConvShape> shapes = TestShapes();
+  for (int i = 0; i < shapes.size(); ++i) {
+    for (int relu = 0; relu < 2; ++relu) {
+      this->FillBottom(shapes[i], -1, 1);
+      LayerParameter param = this->ConvParam(shapes[i]);
+      param.mutable_dyve_param()->set_relu(relu);
+      DyveConvolutionLayer<Dtype> layer(param);
+      layer.SetUp(this->bottom_vec_, this->top_vec_);
+      layer.Forward(this->bottom_vec_, this->top_vec_);
+      this->RunStock(shapes[i], &layer, relu);
+      this->ExpectTopsNear(1e-5);
+      EXPECT_EQ(layer.effort().macs_executed, layer.effort().macs_dense);
+      EXPECT_EQ(layer.effort().outputs, this->top_->count());
+      EXPECT_EQ(layer.effort().macs_dense,
+          this->top_->count() * layer.blobs()[0]->count(1));
+    }
+  }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestKnobsOnButInertEqualsConvolution) {
+  // The row-based path with knobs that cannot fire (SPET with f = 1 and a
+  // threshold below any sum; SFMA with threshold 0 on random maps) must give
+  // the stock result: it checks the gather, GEMM and write-back.
+  typedef typename TypeParam::Dtype Dtype;
+  const std::vector<ConvShape> shapes = TestShapes();
+  for (int i = 0; i < shapes.size(); ++i) {
+    this->FillBottom(shapes[i], -1, 1);
+    LayerParameter param = this->ConvParam(shapes[i]);
+    DyveParameter* dyve = param.mutable_dyve_param();
+    dyve->set_relu(true);
+    dyve->mutable_spet()->set_enabled(true);
+    dyve->mutable_spet()->set_fraction(1);
+    dyve->mutable_spet()->set_threshold(-1e30);
+    dyve->mutable_sfma()->set_enabled(true);
+    DyveConvolutionLayer<Dtype> layer(param);
+    layer.SetUp(this->bottom_vec_, this->top_vec_);
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+    this->RunStock(shapes[i], &layer, true);
+    this->ExpectTopsNear(1e-5);
+    EXPECT_EQ(layer.effort().macs_executed, layer.effort().macs_dense);
+    EXPECT_EQ(layer.effort().spet_zeroed, 0);
+    EXPECT_EQ(layer.effort().sfma_maps, 0);
+  }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestExactModeMatchesStockAfterReLU) {
+  typedef typename TypeParam::Dtype Dtype;
+  const std::vector<ConvShape> shapes = TestShapes();
+  for (int i = 0; i < shapes.size(); ++i) {
+    for (int interval = 1; interval <= 16; interval *= 4) {
+      this->FillBottom(shapes[i], 0, 1);  // after a ReLU: non-negative
+      LayerParameter param = this->ConvParam(shapes[i]);
+      param.mutable_dyve_param()->set_relu(true);
+      param.mutable_dyve_param()->mutable_spet()->set_exact(true);
+      param.mutable_dyve_param()->mutable_spet()->set_check_interval(interval);
+      DyveConvolutionLayer<Dtype> layer(param);
+      layer.SetUp(this->bottom_vec_, this->top_vec_);
+      layer.Forward(this->bottom_vec_, this->top_vec_);
+      this->RunStock(shapes[i], &layer, true);
+      this->ExpectTopsNear(1e-5);
+      const DyveEffort& e = layer.effort();
+      if (interval == 1) {
+        // Checked after every negative term, some neuron must stop early. (A
+        // coarse interval may not get a check in before a small fan-in ends.)
+        EXPECT_GT(e.exact_stopped, 0) << "shape " << i;
+        EXPECT_GT(e.macs_skipped_exact, 0) << "shape " << i;
+        EXPECT_LT(e.macs_executed, e.macs_dense);
+      }
+      EXPECT_GT(e.ops_exact, 0);
+      this->ExpectBalanced(e);
+    }
+  }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSpetZeroesExactlyBelowThreshold) {
+  typedef typename TypeParam::Dtype Dtype;
+  const std::vector<ConvShape> shapes = TestShapes();
+  for (int i = 0; i < shapes.size(); ++i) {
+    const ConvShape& s = shapes[i];
+    const Dtype threshold = 0.1;
+    this->FillBottom(s, -1, 1);
+    LayerParameter param = this->ConvParam(s);
+    param.mutable_dyve_param()->set_relu(true);
+    DyveSpetParameter* spet = param.mutable_dyve_param()->mutable_spet();
+    spet->set_enabled(true);
+    spet->set_fraction(0.5);
+    spet->set_threshold(threshold);
+    DyveConvolutionLayer<Dtype> layer(param);
+    layer.SetUp(this->bottom_vec_, this->top_vec_);
+    // Weights set after set-up, as CopyTrainedLayersFrom would: the order
+    // must come from these, not from the filler's.
+    FillerParameter filler_param;
+    filler_param.set_std(0.5);
+    GaussianFiller<Dtype> filler(filler_param);
+    filler.Fill(layer.blobs()[0].get());
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+
+    // The per-layer order by hand: channels by summed |W|, descending.
+    const int group_channels = s.channels / s.group;
+    const int group_outputs = s.outputs / s.group;
+    const int prefix = (group_channels + 1) / 2;  // ceil(0.5 * C)
+    const Dtype* w = layer.blobs()[0]->cpu_data();
+    const int taps = s.kernel_h * s.kernel_w;
+    uint64_t zeroed = 0, executed = 0, ties = 0;
+    const int out_h = this->top_->height(), out_w = this->top_->width();
+    for (int g = 0; g < s.group; ++g) {
+      std::vector<std::pair<double, int> > significance;
+      for (int c = 0; c < group_channels; ++c) {
+        double total = 0;
+        for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
+          for (int t = 0; t < taps; ++t) {
+            total += std::fabs(w[(o * group_channels + c) * taps + t]);
+          }
+        }
+        significance.push_back(std::make_pair(-total, c));
+      }
+      std::sort(significance.begin(), significance.end());
+      std::vector<int> head, all;
+      for (int k = 0; k < group_channels; ++k) {
+        all.push_back(significance[k].second);
+        if (k < prefix) head.push_back(significance[k].second);
+      }
+      for (int n = 0; n < s.num; ++n) {
+        for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
+          const Dtype b = s.bias ? layer.blobs()[1]->cpu_data()[o] : Dtype(0);
+          for (int y = 0; y < out_h; ++y) {
+            for (int x = 0; x < out_w; ++x) {
+              const Dtype partial = b + this->NeuronSum(s, w, n, o, y, x, head);
+              const Dtype full = b + this->NeuronSum(s, w, n, o, y, x, all);
+              const Dtype got = this->top_->data_at(n, o, y, x);
+              executed += prefix * taps;
+              if (std::fabs(partial - threshold) < 1e-5) {
+                // Too close to call in float: accept either branch.
+                ++ties;
+                if (got != 0) executed += (group_channels - prefix) * taps;
+                else ++zeroed;
+                continue;
+              }
+              if (partial < threshold) {
+                EXPECT_EQ(got, 0);
+                ++zeroed;
+              } else {
+                EXPECT_NEAR(got, std::max(full, Dtype(0)), 1e-4);
+                executed += (group_channels - prefix) * taps;
+              }
+            }
+          }
+        }
+      }
+    }
+    const DyveEffort& e = layer.effort();
+    EXPECT_GT(zeroed, 0);
+    if (ties == 0) {
+      EXPECT_EQ(e.spet_zeroed, zeroed) << "shape " << i;
+      EXPECT_EQ(e.macs_executed, executed);
+    }
+    EXPECT_EQ(e.ops_spet, this->top_->count());
+    this->ExpectBalanced(e);
+  }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSdssHandMade) {
+  typedef typename TypeParam::Dtype Dtype;
+  // One 3x3 map through a 1x1 identity kernel: the grid (stride 2) is the
+  // four corners; every other position looks at its corner neighbours.
+  const ConvShape s = {1, 1, 3, 3, 1, 1, 1, 1, 0, 1, 1, false};
+  this->bottom_->Reshape(1, 1, 3, 3);
+  const Dtype input[] = {0, 9, 0,
+                         9, 9, 9,
+                         0, 9, 4};
+  std::copy(input, input + 9, this->bottom_->mutable_cpu_data());
+  const Dtype low_threshold[] = {0, 0, 0,
+                                 0, 9, 9,
+                                 0, 9, 4};
+  const Dtype high_threshold[] = {0, 0, 0,
+                                  0, 1, 2,
+                                  0, 2, 4};
+  for (int high = 0; high < 2; ++high) {
+    LayerParameter param = this->ConvParam(s);
+    param.mutable_dyve_param()->set_relu(true);
+    DyveSdssParameter* sdss = param.mutable_dyve_param()->mutable_sdss();
+    sdss->set_enabled(true);
+    sdss->set_stride(2);
+    sdss->set_threshold(high ? 5 : 0);
+    DyveConvolutionLayer<Dtype> layer(param);
+    layer.SetUp(this->bottom_vec_, this->top_vec_);
+    layer.blobs()[0]->mutable_cpu_data()[0] = 1;
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+    const Dtype* expected = high ? high_threshold : low_threshold;
+    for (int i = 0; i < 9; ++i) {
+      EXPECT_EQ(this->top_->cpu_data()[i], expected[i]) << "position " << i;
+    }
+    const DyveEffort& e = layer.effort();
+    // Compares: (0,1): 2, (1,0): 2, (1,1): 4, (1,2): 2, (2,1): 2 = 12; each
+    // mean fill adds one op per neighbour: 2 + 2 (low), 2 + 2 + 4 + 2 + 2.
+    EXPECT_EQ(e.sdss_filled, high ? 5 : 2);
+    EXPECT_EQ(e.ops_sdss, high ? 12 + 12 : 12 + 4);
+    EXPECT_EQ(e.macs_skipped_sdss, high ? 5 : 2);
+    EXPECT_EQ(e.macs_executed, high ? 4 : 7);
+    EXPECT_EQ(e.macs_dense, 9);
+  }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSdssZeroFillAndBigMaps) {
+  typedef typename TypeParam::Dtype Dtype;
+  const ConvShape s = {2, 3, 12, 13, 5, 3, 3, 1, 1, 1, 1, true};
+  this->FillBottom(s, -1, 1);
+  LayerParameter param = this->ConvParam(s);
+  param.mutable_dyve_param()->set_relu(true);
+  DyveSdssParameter* sdss = param.mutable_dyve_param()->mutable_sdss();
+  sdss->set_enabled(true);
+  sdss->set_stride(3);
+  sdss->set_threshold(0.2);
+  sdss->set_fill(DyveSdssParameter_Fill_ZERO);
+  DyveConvolutionLayer<Dtype> layer(param);
+  layer.SetUp(this->bottom_vec_, this->top_vec_);
+  layer.Forward(this->bottom_vec_, this->top_vec_);
+  this->RunStock(s, &layer, true);
+  // Grid positions are exact; every other one is 0 when its grid neighbours
+  // are all <= T, else exact.
+  uint64_t filled = 0;
+  const int h = this->top_->height(), w = this->top_->width();
+  for (int n = 0; n < s.num; ++n) {
+    for (int o = 0; o < s.outputs; ++o) {
+      for (int y = 0; y < h; ++y) {
+        for (int x = 0; x < w; ++x) {
+          const Dtype stock = this->stock_top_->data_at(n, o, y, x);
+          const Dtype got = this->top_->data_at(n, o, y, x);
+          bool insignificant = y % 3 || x % 3;
+          const int y0 = y - y % 3, x0 = x - x % 3;
+          for (int yy = y0; yy <= y0 + 3; yy += 3) {
+            for (int xx = x0; xx <= x0 + 3; xx += 3) {
+              if ((yy > y0 && (y % 3 == 0 || yy >= h)) ||
+                  (xx > x0 && (x % 3 == 0 || xx >= w))) continue;
+              if (this->stock_top_->data_at(n, o, yy, xx) > 0.2) {
+                insignificant = false;
+              }
+            }
+          }
+          if (insignificant) {
+            EXPECT_EQ(got, 0);
+            ++filled;
+          } else {
+            EXPECT_NEAR(got, stock, 1e-5);
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(layer.effort().sdss_filled, filled);
+  EXPECT_GT(filled, 0);
+  EXPECT_EQ(layer.effort().macs_skipped_sdss, filled * 27);
+  this->ExpectBalanced(layer.effort());
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSfmaConstantMap) {
+  typedef typename TypeParam::Dtype Dtype;
+  // Channel 1 is constant (3.0); channels 0 and 2 vary. With zero padding,
+  // SFMA's border correction makes the result the exact convolution.
+  const ConvShape s = {2, 3, 7, 6, 4, 3, 3, 1, 1, 1, 1, true};
+  this->FillBottom(s, -1, 1);
+  for (int n = 0; n < s.num; ++n) {
+    Dtype* map = this->bottom_->mutable_cpu_data() + this->bottom_->offset(n, 1);
+    std::fill(map, map + s.height * s.width, Dtype(3));
+  }
+  LayerParameter param = this->ConvParam(s);
+  param.mutable_dyve_param()->mutable_sfma()->set_enabled(true);
+  param.mutable_dyve_param()->mutable_sfma()->set_threshold(0.5);
+  DyveConvolutionLayer<Dtype> layer(param);
+  layer.SetUp(this->bottom_vec_, this->top_vec_);
+  layer.Forward(this->bottom_vec_, this->top_vec_);
+  this->RunStock(s, &layer, false);
+  this->ExpectTopsNear(1e-5);
+  // In the interior the constant map contributes mean x kernel sum.
+  const Dtype* w = layer.blobs()[0]->cpu_data();
+  const std::vector<int> varying = {0, 2};
+  for (int o = 0; o < s.outputs; ++o) {
+    Dtype kernel_sum = 0;
+    for (int t = 0; t < 9; ++t) kernel_sum += w[(o * 3 + 1) * 9 + t];
+    const Dtype expected = layer.blobs()[1]->cpu_data()[o] + 3 * kernel_sum +
+        this->NeuronSum(s, w, 0, o, 3, 3, varying);
+    EXPECT_NEAR(this->top_->data_at(0, o, 3, 3), expected, 1e-5);
+  }
+  const DyveEffort& e = layer.effort();
+  const uint64_t outputs = this->top_->count();
+  EXPECT_EQ(e.sfma_maps, 2);  // one per image
+  EXPECT_EQ(e.macs_skipped_sfma, outputs * 9);
+  EXPECT_EQ(e.macs_executed, outputs * 18);
+  // Statistics 2 x 3 maps x (3*42 + 1); summed kernels 2 x 4 x (9 + 9);
+  // per output: 1 op inside, 4 on the border (rows 0 and 6, columns 0, 5).
+  const uint64_t border = 2 * 4 * (7 * 6 - 5 * 4);
+  EXPECT_EQ(e.ops_sfma, 2 * 3 * 127 + 2 * 4 * 18 + (outputs - border) +
+      4 * border);
+  this->ExpectBalanced(e);
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSfmaNearlyConstantMapUsesItsMean) {
+  typedef typename TypeParam::Dtype Dtype;
+  const ConvShape s = {1, 2, 6, 6, 3, 3, 3, 2, 1, 1, 1, true};
+  this->FillBottom(s, -1, 1);
+  Dtype* map = this->bottom_->mutable_cpu_data();  // channel 0 of image 0
+  Dtype sum = 0;
+  for (int i = 0; i < 36; ++i) {
+    map[i] = 2 + 0.01 * (i % 5);
+    sum += map[i];
+  }
+  LayerParameter param = this->ConvParam(s);
+  for (int spread = 0; spread < 2; ++spread) {
+    param.mutable_dyve_param()->mutable_sfma()->set_enabled(true);
+    param.mutable_dyve_param()->mutable_sfma()->set_threshold(0.05);
+    param.mutable_dyve_param()->mutable_sfma()->set_spread(
+        spread ? DyveSfmaParameter_Spread_STD : DyveSfmaParameter_Spread_RANGE);
+    DyveConvolutionLayer<Dtype> layer(param);
+    layer.SetUp(this->bottom_vec_, this->top_vec_);
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+    EXPECT_EQ(layer.effort().sfma_maps, 1);
+    // Reference: the stock convolution of the input with that map replaced
+    // by its mean.
+    Blob<Dtype> original;
+    original.CopyFrom(*this->bottom_, false, true);
+    std::fill(this->bottom_->mutable_cpu_data(),
+        this->bottom_->mutable_cpu_data() + 36, sum / 36);
+    this->RunStock(s, &layer, false);
+    this->bottom_->CopyFrom(original);
+    this->ExpectTopsNear(1e-5);
+  }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestAllKnobsBalancedAndBetterThanNothing) {
+  typedef typename TypeParam::Dtype Dtype;
+  const std::vector<ConvShape> shapes = TestShapes();
+  for (int i = 0; i < shapes.size(); ++i) {
+    for (int per_output = 0; per_output < 2; ++per_output) {
+      this->FillBottom(shapes[i], 0, 1);
+      LayerParameter param = this->ConvParam(shapes[i]);
+      DyveParameter* dyve = param.mutable_dyve_param();
+      dyve->set_relu(true);
+      dyve->mutable_spet()->set_enabled(true);
+      dyve->mutable_spet()->set_exact(true);
+      dyve->mutable_spet()->set_fraction(0.4);
+      dyve->mutable_spet()->set_ordering(per_output ?
+          DyveSpetParameter_Ordering_PER_OUTPUT :
+          DyveSpetParameter_Ordering_PER_LAYER);
+      if (this->bottom_->height() > 1 && shapes[i].kernel_h < 5) {
+        dyve->mutable_sdss()->set_enabled(true);
+      }
+      dyve->mutable_sfma()->set_enabled(true);
+      dyve->mutable_sfma()->set_threshold(0.9);
+      DyveConvolutionLayer<Dtype> layer(param);
+      layer.SetUp(this->bottom_vec_, this->top_vec_);
+      layer.Forward(this->bottom_vec_, this->top_vec_);
+      layer.Forward(this->bottom_vec_, this->top_vec_);
+      const DyveEffort& e = layer.effort();
+      EXPECT_EQ(e.forward_passes, 2);
+      EXPECT_EQ(e.images, 2 * shapes[i].num);
+      EXPECT_LT(e.macs_executed, e.macs_dense);
+      this->ExpectBalanced(e);
+      layer.ResetEffort();
+      EXPECT_EQ(layer.effort().macs_dense, 0);
+    }
+  }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestBackwardKnobsOffIsStockGradient) {
+  typedef typename TypeParam::Dtype Dtype;
+  const ConvShape s = {2, 3, 6, 5, 4, 3, 3, 1, 1, 1, 1, true};
+  this->FillBottom(s, -1, 1);
+  LayerParameter param = this->ConvParam(s);
+  DyveConvolutionLayer<Dtype> layer(param);
+  layer.SetUp(this->bottom_vec_, this->top_vec_);
+  layer.Forward(this->bottom_vec_, this->top_vec_);
+  caffe_set(this->top_->count(), Dtype(1), this->top_->mutable_cpu_diff());
+  layer.Backward(this->top_vec_, vector<bool>(1, true), this->bottom_vec_);
+  Blob<Dtype> dyve_bottom_diff;
+  dyve_bottom_diff.CopyFrom(*this->bottom_, true, true);
+  ConvolutionLayer<Dtype> stock(param);
+  stock.SetUp(this->bottom_vec_, this->stock_top_vec_);
+  stock.blobs()[0]->CopyFrom(*layer.blobs()[0]);
+  stock.blobs()[1]->CopyFrom(*layer.blobs()[1]);
+  stock.Forward(this->bottom_vec_, this->stock_top_vec_);
+  caffe_set(this->stock_top_->count(), Dtype(1),
+      this->stock_top_->mutable_cpu_diff());
+  stock.Backward(this->stock_top_vec_, vector<bool>(1, true),
+      this->bottom_vec_);
+  for (int i = 0; i < this->bottom_->count(); ++i) {
+    EXPECT_NEAR(dyve_bottom_diff.cpu_diff()[i], this->bottom_->cpu_diff()[i],
+        1e-5);
+  }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestInvalidSettingsNameLayerAndField) {
+  typedef typename TypeParam::Dtype Dtype;
+  const ConvShape s = {1, 2, 5, 5, 2, 3, 3, 1, 0, 1, 1, true};
+  this->FillBottom(s, 0, 1);
+  DyveConvolutionLayer<Dtype> layer(this->ConvParam(s));
+  layer.SetUp(this->bottom_vec_, this->top_vec_);
+  struct Case { std::string text, field; };
+  const Case cases[] = {
+    {"relu: true spet { enabled: true fraction: 0 }", "spet.fraction"},
+    {"relu: true spet { enabled: true fraction: 1.5 }", "spet.fraction"},
+    {"spet { enabled: true }", "relu"},
+    {"spet { exact: true }", "relu"},
+    {"relu: true sdss { enabled: true stride: 0 }", "sdss.stride"},
+    {"sdss { enabled: true }", "relu"},
+    {"sfma { enabled: true threshold: -1 }", "sfma.threshold"},
+    {"relu: true spet { exact: true check_interval: 0 }",
+     "spet.check_interval"},
+  };
+  for (int i = 0; i < sizeof(cases) / sizeof(cases[0]); ++i) {
+    DyveParameter bad;
+    ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(
+        cases[i].text, &bad));
+    const std::string error = layer.SetDyveParam(bad);
+    EXPECT_NE(error.find("'dyve_conv'"), std::string::npos) << error;
+    EXPECT_NE(error.find(cases[i].field), std::string::npos) << error;
+  }
+  // SDSS on a 1x1 output map: this layer's 5x5 input and 5x5 kernel.
+  ConvShape one = s;
+  one.kernel_h = one.kernel_w = 5;
+  DyveConvolutionLayer<Dtype> tiny(this->ConvParam(one));
+  tiny.SetUp(this->bottom_vec_, this->top_vec_);
+  DyveParameter sdss;
+  sdss.set_relu(true);
+  sdss.mutable_sdss()->set_enabled(true);
+  EXPECT_NE(tiny.SetDyveParam(sdss).find("1x1"), std::string::npos);
+  // A refused setting leaves the layer as it was; a good one is taken.
+  EXPECT_FALSE(layer.dyve_param().has_spet());
+  DyveParameter good;
+  good.set_relu(true);
+  good.mutable_spet()->set_exact(true);
+  EXPECT_EQ(layer.SetDyveParam(good), "");
+  EXPECT_TRUE(layer.dyve_param().spet().exact());
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSetUpRefusesBadSettings) {
+  typedef typename TypeParam::Dtype Dtype;
+  const ConvShape s = {1, 2, 5, 5, 2, 3, 3, 1, 0, 1, 1, true};
+  this->FillBottom(s, 0, 1);
+  LayerParameter param = this->ConvParam(s);
+  param.mutable_dyve_param()->mutable_spet()->set_enabled(true);
+  DyveConvolutionLayer<Dtype> layer(param);
+  EXPECT_DEATH(layer.SetUp(this->bottom_vec_, this->top_vec_),
+      "DyveConvolution layer 'dyve_conv': dyve_param.spet needs a rectified");
+  LayerParameter negative = this->ConvParam(s);
+  negative.mutable_dyve_param()->set_relu(true);
+  negative.mutable_dyve_param()->mutable_spet()->set_exact(true);
+  this->FillBottom(s, -1, 1);
+  DyveConvolutionLayer<Dtype> exact(negative);
+  exact.SetUp(this->bottom_vec_, this->top_vec_);
+  EXPECT_DEATH(exact.Forward(this->bottom_vec_, this->top_vec_),
+      "dyve_param.spet.exact needs non-negative inputs");
+}
+
+// A stock caffemodel (saved from a Convolution net) loads unchanged into the
+// same net with DyveConvolution, and the weight-derived state follows it.
+TYPED_TEST(DyveConvolutionLayerTest, TestLoadsStockCaffemodel) {
+  typedef typename TypeParam::Dtype Dtype;
+  const std::string net_text =
+      "name: 'n' "
+      "layer { name: 'data' type: 'Input' top: 'data' "
+      "  input_param { shape { dim: 2 dim: 3 dim: 8 dim: 8 } } } "
+      "layer { name: 'conv1' type: 'TYPE' bottom: 'data' top: 'conv1' "
+      "  convolution_param { num_output: 4 kernel_size: 3 pad: 1 "
+      "    weight_filler { type: 'gaussian' std: 0.5 } "
+      "    bias_filler { type: 'gaussian' std: 0.1 } } DYVE } "
+      "layer { name: 'relu1' type: 'ReLU' bottom: 'conv1' top: 'conv1' } ";
+  std::string stock_text = net_text, dyve_text = net_text;
+  stock_text.replace(stock_text.find("TYPE"), 4, "Convolution");
+  stock_text.replace(stock_text.find("DYVE"), 4, "");
+  dyve_text.replace(dyve_text.find("TYPE"), 4, "DyveConvolution");
+  dyve_text.replace(dyve_text.find("DYVE"), 4,
+      "dyve_param { relu: true spet { enabled: true threshold: 1e-3 } }");
+  NetParameter stock_param, dyve_param;
+  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(stock_text,
+      &stock_param));
+  ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(dyve_text,
+      &dyve_param));
+  Net<Dtype> stock(stock_param);
+  Net<Dtype> dyve(dyve_param);
+  FillerParameter filler_param;
+  UniformFiller<Dtype> filler(filler_param);
+  filler.Fill(stock.blob_by_name("data").get());
+  dyve.blob_by_name("data")->CopyFrom(*stock.blob_by_name("data"));
+  dyve.Forward();  // orders from the set-up fillers, to be replaced
+  NetParameter trained;
+  stock.ToProto(&trained, false);
+  std::string path;
+  MakeTempFilename(&path);
+  WriteProtoToBinaryFile(trained, path);
+  dyve.CopyTrainedLayersFrom(path);
+  stock.Forward();
+  dyve.Forward();
+  // SPET with f = 0.5 on 3 channels: the prefix is the 2 channels with the
+  // largest |W|; recompute the expectation from the stock weights.
+  const Blob<Dtype>& w = *stock.layer_by_name("conv1")->blobs()[0];
+  std::vector<std::pair<double, int> > significance;
+  for (int c = 0; c < 3; ++c) {
+    double total = 0;
+    for (int o = 0; o < 4; ++o) {
+      for (int t = 0; t < 9; ++t) total += std::fabs(w.data_at(o, c, t / 3,
+          t % 3));
+    }
+    significance.push_back(std::make_pair(-total, c));
+  }
+  std::sort(significance.begin(), significance.end());
+  const int skipped = significance[2].second;
+  Blob<Dtype>& data = *stock.blob_by_name("data");
+  const Blob<Dtype>& stock_out = *stock.blob_by_name("conv1");
+  const Blob<Dtype>& dyve_out = *dyve.blob_by_name("conv1");
+  int compared = 0;
+  for (int n = 0; n < 2; ++n) {
+    for (int o = 0; o < 4; ++o) {
+      for (int y = 0; y < 8; ++y) {
+        for (int x = 0; x < 8; ++x) {
+          Dtype partial = stock.layer_by_name("conv1")->blobs()[1]->cpu_data()[o];
+          for (int c = 0; c < 3; ++c) {
+            if (c == skipped) continue;
+            for (int kh = 0; kh < 3; ++kh) {
+              for (int kw = 0; kw < 3; ++kw) {
+                const int ih = y - 1 + kh, iw = x - 1 + kw;
+                if (ih < 0 || ih >= 8 || iw < 0 || iw >= 8) continue;
+                partial += w.data_at(o, c, kh, kw) * data.data_at(n, c, ih, iw);
+              }
+            }
+          }
+          if (std::fabs(partial - 1e-3) < 1e-4) continue;
+          const Dtype expected = partial < 1e-3 ? Dtype(0) :
+              stock_out.data_at(n, o, y, x);
+          EXPECT_NEAR(dyve_out.data_at(n, o, y, x), expected, 1e-5);
+          ++compared;
+        }
+      }
+    }
+  }
+  EXPECT_GT(compared, 400);
+  // And with every knob off the DyVE net is the stock net.
+  DyveLayer* layer = dynamic_cast<DyveLayer*>(dyve.layer_by_name("conv1").get());
+  ASSERT_TRUE(layer != NULL);
+  DyveParameter off;
+  off.set_relu(true);
+  EXPECT_EQ(layer->SetDyveParam(off), "");
+  dyve.Forward();
+  for (int i = 0; i < stock_out.count(); ++i) {
+    EXPECT_NEAR(dyve_out.cpu_data()[i], stock_out.cpu_data()[i], 1e-5);
+  }
+}
+
+}  // namespace caffe

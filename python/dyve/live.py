@@ -1,0 +1,68 @@
+"""DyVE layers of a live pycaffe net: effort counters and knob settings.
+
+Changing settings here keeps the loaded weights (no net reload), which is what the
+threshold tuner relies on. Settings are dicts in the `dyve.settings` format, i.e. the
+field names of `DyveParameter` (see docs/knobs.md).
+"""
+from google.protobuf import json_format
+
+import caffe
+from caffe.proto import caffe_pb2
+
+from dyve import settings as dyve_settings
+
+DYVE_TYPES = ("DyveConvolution", "DyveInnerProduct")
+
+
+def dyve_layers(net):
+    """{layer name: layer} of the net's C++ DyVE layers, in net order."""
+    return {name: layer for name, layer in zip(net._layer_names, net.layers)
+            if layer.type in DYVE_TYPES}
+
+
+def _layer(net, name):
+    layers = dyve_layers(net)
+    if name not in layers:
+        raise KeyError(f"no DyVE layer named '{name}' in this net (DyVE layers: "
+                       f"{', '.join(layers) or 'none'})")
+    return layers[name]
+
+
+def settings_to_proto(settings):
+    """A DyveParameter message from a settings dict (validated first)."""
+    return json_format.ParseDict(dyve_settings.normalize(settings), caffe_pb2.DyveParameter())
+
+
+def proto_to_settings(message):
+    """A complete settings dict from a DyveParameter message."""
+    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return dyve_settings.normalize(as_dict)
+
+
+def get_settings(net, name):
+    message = caffe_pb2.DyveParameter()
+    message.ParseFromString(caffe._caffe._dyve_get_param(_layer(net, name)))
+    return proto_to_settings(message)
+
+
+def set_settings(net, name, settings):
+    """Applies knob settings to layer `name`; raises ValueError naming layer and field."""
+    layer = _layer(net, name)
+    try:
+        message = settings_to_proto(settings)
+    except ValueError as error:
+        raise ValueError(f"layer '{name}': {error}") from None
+    caffe._caffe._dyve_set_param(layer, message.SerializeToString())
+
+
+def effort(net, name=None):
+    """Counters of one DyVE layer, or {name: counters} of all of them."""
+    if name is not None:
+        return dict(caffe._caffe._dyve_effort(_layer(net, name)))
+    return {layer_name: dict(caffe._caffe._dyve_effort(layer))
+            for layer_name, layer in dyve_layers(net).items()}
+
+
+def reset_effort(net):
+    for layer in dyve_layers(net).values():
+        caffe._caffe._dyve_reset_effort(layer)

@@ -1,0 +1,551 @@
+"""Tests of the numpy oracle of the DyVE layers (python/dyve/pylayers.py, settings.py).
+
+Knobs off is checked against stock Caffe layers run through pycaffe; each knob is checked
+on hand-made cases whose outputs and counters are counted by hand (docs/knobs.md).
+Run: PYTHONPATH=build/caffe-src/python:python /usr/bin/python3 -m pytest -q tests/test_pylayers.py
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("GLOG_minloglevel", "2")  # keep Caffe's net-construction log quiet
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Caffe imports a Python layer's module from sys.path of this same interpreter.
+sys.path.insert(0, os.path.join(REPO, "python"))
+
+import caffe  # noqa: E402
+from dyve import pylayers, settings  # noqa: E402
+
+RELU = {"relu": True}
+MACS_SKIPPED = ("macs_skipped_spet", "macs_skipped_exact", "macs_skipped_sdss",
+                "macs_skipped_sfma")
+DENSE_ONLY = ("forward_passes", "images", "outputs", "macs_dense", "macs_executed")
+
+
+def make_net(tmp_path, input_shape, layers_text):
+    """A pycaffe TEST net: Input blob 'x' of input_shape followed by layers_text."""
+    dims = " ".join(f"dim: {d}" for d in input_shape)
+    text = (f'layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ {dims} }} }} }}\n'
+            + layers_text)
+    path = tmp_path / "net.prototxt"
+    path.write_text(text)
+    return caffe.Net(str(path), caffe.TEST)
+
+
+def layer_by_name(net, name):
+    # Caffe may insert Split layers, so look the layer up by name rather than position.
+    return net.layers[list(net._layer_names).index(name)]
+
+
+def check_invariant(effort):
+    assert all(isinstance(v, int) for v in effort.values())
+    assert set(effort) == set(pylayers.EFFORT_KEYS)
+    assert effort["macs_dense"] == effort["macs_executed"] + sum(effort[k] for k in MACS_SKIPPED)
+
+
+def conv_text(name, geo, bottom="x"):
+    """convolution_param text for a stock Caffe Convolution layer with geometry geo."""
+    kh, kw = geo["kernel"]
+    sh, sw = geo["stride"]
+    ph, pw = geo["pad"]
+    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
+            f'convolution_param {{ num_output: {geo["out"]} kernel_h: {kh} kernel_w: {kw} '
+            f'stride_h: {sh} stride_w: {sw} pad_h: {ph} pad_w: {pw} dilation: {geo["dilation"]} '
+            f'group: {geo["group"]} bias_term: {str(geo["bias"]).lower()} '
+            f'weight_filler {{ type: "gaussian" std: 0.5 }} '
+            f'bias_filler {{ type: "gaussian" std: 0.5 }} }} }}\n')
+
+
+def oracle_geometry(geo):
+    return {"stride": list(geo["stride"]), "pad": list(geo["pad"]),
+            "dilation": geo["dilation"], "group": geo["group"]}
+
+
+def geo_case(out=6, kernel=(3, 3), stride=(1, 1), pad=(0, 0), dilation=1, group=1, bias=True,
+             shape=(2, 4, 7, 8)):
+    return {"out": out, "kernel": kernel, "stride": stride, "pad": pad, "dilation": dilation,
+            "group": group, "bias": bias, "shape": shape}
+
+
+CONV_CASES = [
+    geo_case(),
+    geo_case(pad=(1, 1), group=2),
+    geo_case(stride=(2, 2), pad=(1, 1)),
+    geo_case(dilation=2, pad=(2, 1)),
+    geo_case(kernel=(1, 1)),
+    geo_case(kernel=(2, 3), stride=(1, 2), bias=False),
+    geo_case(out=4, kernel=(3, 3), stride=(2, 1), pad=(1, 0), dilation=2, group=2, bias=False),
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Knobs off == stock Caffe
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("geo", CONV_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv_knobs_off_matches_stock_caffe(tmp_path, geo, relu):
+    net = make_net(tmp_path, geo["shape"], conv_text("conv", geo))
+    rng = np.random.RandomState(0)
+    net.blobs["x"].data[...] = rng.standard_normal(geo["shape"])
+    net.forward()
+    stock = net.blobs["conv"].data.copy()
+    W = net.params["conv"][0].data
+    b = net.params["conv"][1].data if geo["bias"] else None
+
+    top, effort = pylayers.conv_forward(net.blobs["x"].data, W, b, oracle_geometry(geo),
+                                        {"relu": relu})
+    np.testing.assert_allclose(top, np.maximum(stock, 0) if relu else stock, atol=1e-4)
+    fan_in = W.shape[1] * W.shape[2] * W.shape[3]
+    assert effort["outputs"] == stock.size
+    assert effort["macs_dense"] == effort["macs_executed"] == stock.size * fan_in
+    assert effort["forward_passes"] == 1 and effort["images"] == geo["shape"][0]
+    assert all(v == 0 for k, v in effort.items() if k not in DENSE_ONLY)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_ip_knobs_off_matches_stock_caffe(tmp_path, transpose, bias):
+    text = ('layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" '
+            f'inner_product_param {{ num_output: 5 transpose: {str(transpose).lower()} '
+            f'bias_term: {str(bias).lower()} weight_filler {{ type: "gaussian" std: 0.5 }} '
+            'bias_filler { type: "gaussian" std: 0.5 } } }\n')
+    net = make_net(tmp_path, (3, 2, 2, 3), text)
+    net.blobs["x"].data[...] = np.random.RandomState(1).standard_normal((3, 2, 2, 3))
+    net.forward()
+    W = net.params["ip"][0].data
+    b = net.params["ip"][1].data if bias else None
+    top, effort = pylayers.ip_forward(net.blobs["x"].data, W, b, {}, transpose=transpose)
+    np.testing.assert_allclose(top, net.blobs["ip"].data, atol=1e-4)
+    assert effort["macs_dense"] == effort["macs_executed"] == 3 * 5 * 12
+    assert all(v == 0 for k, v in effort.items() if k not in DENSE_ONLY)
+
+
+# ---------------------------------------------------------------------------------------
+# The Python layers inside a pycaffe net
+# ---------------------------------------------------------------------------------------
+
+def python_layer_text(name, layer_class, params, bottom="x"):
+    return (f'layer {{ name: "{name}" type: "Python" bottom: "{bottom}" top: "{name}" '
+            f"python_param {{ module: \"dyve.pylayers\" layer: \"{layer_class}\" "
+            f"param_str: '{json.dumps(params)}' }} }}\n")
+
+
+def test_python_conv_layer_in_net(tmp_path):
+    geo = geo_case(pad=(1, 1), group=2, shape=(2, 4, 6, 6))
+    dyve_params = {"num_output": 6, "kernel_size": 3, "pad": 1, "group": 2, "relu": True,
+                   "spet": {"enabled": True, "fraction": 0.5, "ordering": "PER_OUTPUT"}}
+    net = make_net(tmp_path, geo["shape"],
+                   conv_text("ref", geo)
+                   + python_layer_text("dyve", "DyveConvolution", dyve_params))
+    assert [p.data.shape for p in net.params["dyve"]] == [(6, 2, 3, 3), (6,)]
+    # The stock weights are assigned after setup: the layer's channel order must follow them.
+    for i in range(2):
+        net.params["dyve"][i].data[...] = net.params["ref"][i].data
+    x = np.random.RandomState(2).standard_normal(geo["shape"])
+    net.blobs["x"].data[...] = x
+    net.forward()
+    layer = layer_by_name(net, "dyve")
+    expected, effort = pylayers.conv_forward(
+        net.blobs["x"].data, net.params["ref"][0].data, net.params["ref"][1].data,
+        {"pad": 1, "group": 2}, {"relu": True, "spet": dyve_params["spet"]})
+    np.testing.assert_allclose(net.blobs["dyve"].data, expected, atol=1e-5)
+    assert layer.effort == effort and effort["spet_zeroed"] > 0
+    # Non-zeroed neurons are exact: equal to the stock convolution after ReLU.
+    computed = net.blobs["dyve"].data > 0
+    np.testing.assert_allclose(net.blobs["dyve"].data[computed],
+                               net.blobs["ref"].data[computed], atol=1e-4)
+
+    net.forward()
+    assert layer.effort == {k: 2 * v for k, v in effort.items()}
+    layer.reset_effort()
+    assert set(layer.effort.values()) == {0}
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        layer.backward([], [], [])
+
+
+def test_python_ip_layer_in_net(tmp_path):
+    params = {"num_output": 4, "transpose": True, "relu": True,
+              "spet": {"exact": True, "check_interval": 1}}
+    text = ('layer { name: "ref" type: "InnerProduct" bottom: "x" top: "ref" '
+            'inner_product_param { num_output: 4 transpose: true '
+            'weight_filler { type: "gaussian" std: 1 } '
+            'bias_filler { type: "gaussian" std: 1 } } }\n'
+            + python_layer_text("dyve", "DyveInnerProduct", params))
+    net = make_net(tmp_path, (3, 10), text)
+    assert [p.data.shape for p in net.params["dyve"]] == [(10, 4), (4,)]
+    for i in range(2):
+        net.params["dyve"][i].data[...] = net.params["ref"][i].data
+    net.blobs["x"].data[...] = np.abs(np.random.RandomState(3).standard_normal((3, 10)))
+    net.forward()
+    np.testing.assert_allclose(net.blobs["dyve"].data, np.maximum(net.blobs["ref"].data, 0),
+                               atol=1e-5)
+    effort = layer_by_name(net, "dyve").effort
+    check_invariant(effort)
+    assert effort["exact_stopped"] > 0
+
+
+@pytest.mark.parametrize("layer_class, params, shape, message", [
+    ("DyveConvolution", {"num_output": 2, "kernel_size": 3, "relu": True,
+                         "sdss": {"enabled": True}}, (1, 1, 3, 3), "1x1 output"),
+    ("DyveConvolution", {"num_output": 2, "kernel_size": 3, "spet": {"enabled": True}},
+     (1, 1, 5, 5), "spet.enabled requires relu"),
+    ("DyveConvolution", {"num_output": 2}, (1, 1, 5, 5), "kernel_size is required"),
+    ("DyveConvolution", {"num_output": 3, "kernel_size": 1, "group": 2}, (1, 2, 5, 5),
+     "not divisible by group"),
+    ("DyveConvolution", {"num_output": 2, "kernel_size": 1, "padding": 1}, (1, 1, 5, 5),
+     "unknown DyVE setting 'padding'"),
+    ("DyveInnerProduct", {"num_output": 2, "sfma": {"enabled": True}}, (1, 4), "sfma"),
+])
+def test_python_layer_refuses_invalid_setup(tmp_path, layer_class, params, shape, message):
+    with pytest.raises(ValueError, match=message) as info:
+        make_net(tmp_path, shape, python_layer_text("bad", layer_class, params))
+    assert layer_class in str(info.value)  # the message names the layer (class and param_str)
+
+
+# ---------------------------------------------------------------------------------------
+# SPET
+# ---------------------------------------------------------------------------------------
+
+# Inner product, K = 4, O = 2, f = 0.5 -> P = 2, T = 0. Significance |W| per input:
+# o0 [2, 0, 0, 1], o1 [0, 3, 1, 0], summed [2, 3, 1, 1].
+# PER_LAYER order [1, 0, 2, 3] (prefix {1, 0}); PER_OUTPUT o0 [0, 3, 1, 2] (prefix {0, 3}),
+# o1 [1, 2, 0, 3] (prefix {1, 2}).
+SPET_W = np.array([[2.0, 0.0, 0.0, -1.0], [0.0, -3.0, 1.0, 0.0]])
+SPET_X = np.array([[1.0, 1.0, 1.0, 4.0], [0.0, 1.0, 4.0, 0.0]])
+
+
+def test_spet_hand_counted_per_layer():
+    st = {"relu": True, "spet": {"enabled": True, "fraction": 0.5, "ordering": "PER_LAYER"}}
+    top, effort = pylayers.ip_forward(SPET_X, SPET_W, np.zeros(2), st)
+    # image 0: o0 prefix 2 >= 0, rest -4 -> relu(-2) = 0; o1 prefix -3 < 0 -> zeroed
+    # image 1: o0 prefix 0 >= 0, rest 0 -> 0; o1 prefix -3 < 0 -> zeroed (dense would be 1)
+    np.testing.assert_array_equal(top, [[0, 0], [0, 0]])
+    assert effort["spet_zeroed"] == 2 and effort["ops_spet"] == 4
+    assert effort["macs_executed"] == 4 + 2 + 4 + 2 and effort["macs_skipped_spet"] == 4
+    check_invariant(effort)
+
+
+def test_spet_hand_counted_per_output():
+    st = {"relu": True, "spet": {"enabled": True, "fraction": 0.5, "ordering": "PER_OUTPUT"}}
+    top, effort = pylayers.ip_forward(SPET_X, SPET_W, np.zeros(2), st)
+    # image 0: o0 prefix {0,3}: 2 - 4 < 0 -> zeroed; o1 prefix {1,2}: -3 + 1 < 0 -> zeroed
+    # image 1: o0 prefix 0 -> rest 0 -> 0; o1 prefix -3 + 4 = 1 -> rest 0 -> 1
+    np.testing.assert_array_equal(top, [[0, 0], [0, 1]])
+    assert effort["spet_zeroed"] == 2 and effort["ops_spet"] == 4
+    assert effort["macs_executed"] == 2 + 2 + 4 + 4 and effort["macs_skipped_spet"] == 4
+    check_invariant(effort)
+
+
+def test_spet_prefix_size_ceil_rule():
+    assert pylayers.prefix_size(0.5, 3) == 2
+    assert pylayers.prefix_size(0.5, 4) == 2
+    assert pylayers.prefix_size(0.3, 10) == 3      # float32(0.3) * 10 = 3.0000001
+    assert pylayers.prefix_size(0.1, 30) == 3      # float32(0.1) * 30 = 3.00000004
+    assert pylayers.prefix_size(0.01, 3) == 1      # at least one channel
+    assert pylayers.prefix_size(1.0, 7) == 7
+
+
+@pytest.mark.parametrize("ordering", ["PER_LAYER", "PER_OUTPUT"])
+@pytest.mark.parametrize("threshold", [0.0, 0.7])
+def test_spet_zeroes_exactly_the_predicted_neurons(ordering, threshold):
+    """Conv with groups: zeroed <=> prefix partial sum (bias included) < T, the rest exact."""
+    rng = np.random.RandomState(4)
+    x = rng.standard_normal((2, 6, 5, 5))
+    W = rng.standard_normal((4, 3, 3, 3))
+    b = rng.standard_normal(4)
+    geometry = {"pad": 1, "group": 2}
+    fraction, c_g, kk = 0.5, 3, 9
+    n_prefix = 2                                    # ceil(0.5 * 3)
+    # Independent prefix masks: significance per output, summed per group for PER_LAYER.
+    significance = np.abs(W).sum(axis=(2, 3))       # [O, C_g]
+    mask = np.zeros_like(W)
+    for o in range(4):
+        group_outputs = slice(0, 2) if o < 2 else slice(2, 4)
+        score = significance[group_outputs].sum(axis=0) if ordering == "PER_LAYER" \
+            else significance[o]
+        prefix = np.argsort(-score, kind="stable")[:n_prefix]
+        mask[o, prefix] = 1
+    partial, _ = pylayers.conv_forward(x, W * mask, b, geometry, {})
+    dense, _ = pylayers.conv_forward(x, W, b, geometry, {})
+
+    st = {"relu": True, "spet": {"enabled": True, "fraction": fraction, "threshold": threshold,
+                                 "ordering": ordering}}
+    top, effort = pylayers.conv_forward(x, W, b, geometry, st)
+    zeroed = partial < threshold
+    np.testing.assert_allclose(top, np.where(zeroed, 0, np.maximum(dense, 0)), atol=1e-12)
+    assert effort["spet_zeroed"] == zeroed.sum() > 0
+    assert effort["ops_spet"] == top.size
+    assert effort["macs_executed"] == (top.size * n_prefix * kk
+                                       + (~zeroed).sum() * (c_g - n_prefix) * kk)
+    assert effort["macs_skipped_spet"] == zeroed.sum() * (c_g - n_prefix) * kk
+    check_invariant(effort)
+
+
+def test_spet_order_follows_current_weights():
+    x = np.array([[1.0, 1.0]])
+    # f = 0.5 -> only the most significant input is in the prefix; it decides the zeroing.
+    st = {"relu": True, "spet": {"enabled": True, "fraction": 0.5}}
+    top, _ = pylayers.ip_forward(x, np.array([[-2.0, 3.0]]), None, st)    # prefix: input 1
+    assert top[0, 0] == 1.0
+    top, _ = pylayers.ip_forward(x, np.array([[-3.0, 2.0]]), None, st)    # prefix: input 0
+    assert top[0, 0] == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Exact mode
+# ---------------------------------------------------------------------------------------
+
+def test_exact_hand_counted():
+    st = {"relu": True, "spet": {"exact": True, "check_interval": 2}}
+    x = np.ones((1, 6))
+    W = np.array([
+        [3, -1, -1, -1, -1, -1],   # pos 3; check, -2 -> 1; check, -2 -> -1; check: stop (1 left)
+        [1, -1, -1, 0, 0, 0],      # pos {0,3,4,5} = 1; check, -2 -> -1; no check after the last
+        [-1, -1, -1, -1, -1, 2],   # pos 2; check, -2 -> 0; check, -2 -> -2; check: stop (1 left)
+        [1, 1, 1, 1, 1, 1],        # no negative tap: no check
+    ], dtype=float)
+    top, effort = pylayers.ip_forward(x, W, np.zeros(4), st)
+    np.testing.assert_array_equal(top, [[0, 0, 0, 6]])
+    assert effort["ops_exact"] == 3 + 1 + 3 + 0
+    assert effort["exact_stopped"] == 2
+    assert effort["macs_skipped_exact"] == 1 + 1
+    assert effort["macs_executed"] == 5 + 6 + 5 + 6
+    check_invariant(effort)
+
+
+def test_exact_equals_relu_of_stock_conv(tmp_path):
+    geo = geo_case(out=8, pad=(1, 1), shape=(2, 8, 6, 6))
+    net = make_net(tmp_path, geo["shape"], conv_text("conv", geo))
+    net.blobs["x"].data[...] = np.abs(np.random.RandomState(5).standard_normal(geo["shape"]))
+    net.params["conv"][1].data[...] -= 1.0          # more negative neurons to stop early
+    net.forward()
+    for spet in ({"exact": True}, {"exact": True, "check_interval": 1},
+                 {"exact": True, "enabled": True, "fraction": 0.5, "threshold": -1e30}):
+        top, effort = pylayers.conv_forward(net.blobs["x"].data, net.params["conv"][0].data,
+                                            net.params["conv"][1].data, {"pad": 1},
+                                            {"relu": True, "spet": spet})
+        np.testing.assert_allclose(top, np.maximum(net.blobs["conv"].data, 0), atol=1e-4)
+        assert effort["exact_stopped"] > 0
+        assert effort["macs_executed"] < effort["macs_dense"]
+        check_invariant(effort)
+
+
+def test_exact_refuses_negative_input():
+    with pytest.raises(ValueError, match="non-negative"):
+        pylayers.conv_forward(-np.ones((1, 1, 3, 3)), np.ones((1, 1, 1, 1)), None, {},
+                              {"relu": True, "spet": {"exact": True}})
+
+
+# ---------------------------------------------------------------------------------------
+# SDSS: 1 channel, 1x1 kernel of weight 1, so the output is relu(input) where computed.
+# ---------------------------------------------------------------------------------------
+
+SDSS_GRID = {(0, 0): 0.2, (0, 2): 0.4, (0, 4): 1.0, (2, 0): 0.0, (2, 2): 0.3, (2, 4): 0.0,
+             (4, 0): 0.1, (4, 2): 2.0, (4, 4): 0.0}
+# Stride 2, T = 0.5; every non-grid input is 7 so a computed position shows 7.
+SDSS_MEAN = [[0.2, 0.3, 0.4, 7, 1.0],
+             [0.1, 0.225, 0.35, 7, 7],
+             [0.0, 0.15, 0.3, 0.15, 0.0],
+             [0.05, 7, 7, 7, 0.0],
+             [0.1, 7, 2.0, 7, 0.0]]
+SDSS_COMPARES = 35      # e.g. (3,3): 0.3, 0.0, then 2.0 > T stops -> 3 compares
+SDSS_FILLED = 8
+SDSS_MEAN_ADDS = 18     # sum of the filled positions' neighbour counts
+
+
+def sdss_input():
+    x = np.full((1, 1, 5, 5), 7.0)
+    for (y, x_), value in SDSS_GRID.items():
+        x[0, 0, y, x_] = value
+    return x
+
+
+@pytest.mark.parametrize("fill", ["MEAN", "ZERO"])
+def test_sdss_hand_counted(fill):
+    st = {"relu": True, "sdss": {"enabled": True, "stride": 2, "threshold": 0.5, "fill": fill}}
+    top, effort = pylayers.conv_forward(sdss_input(), np.ones((1, 1, 1, 1)), np.zeros(1), {}, st)
+    expected = np.array(SDSS_MEAN)
+    if fill == "ZERO":
+        filled = (sdss_input()[0, 0] == 7.0) & (expected != 7.0)
+        expected[filled] = 0.0
+    np.testing.assert_allclose(top[0, 0], expected, atol=1e-12)
+    assert effort["sdss_filled"] == SDSS_FILLED
+    assert effort["macs_skipped_sdss"] == SDSS_FILLED
+    assert effort["macs_executed"] == 25 - SDSS_FILLED
+    assert effort["ops_sdss"] == SDSS_COMPARES + (SDSS_MEAN_ADDS if fill == "MEAN" else 0)
+    check_invariant(effort)
+
+
+def test_sdss_last_row_and_column_have_one_neighbour_side():
+    # 4x4 map, stride 2, everything 0: all 12 non-grid positions are filled. Row/column 3
+    # has only the grid line 2 as neighbour (4 is outside): neighbours per axis are
+    # 1, 2, 1, 1 for coordinates 0..3, so 5 * 5 - 4 grid = 21 compares.
+    st = {"relu": True, "sdss": {"enabled": True, "stride": 2}}
+    top, effort = pylayers.conv_forward(np.zeros((1, 1, 4, 4)), np.ones((1, 1, 1, 1)), None,
+                                        {}, st)
+    assert not top.any()
+    assert effort["sdss_filled"] == 12
+    assert effort["ops_sdss"] == 21 + 21
+    check_invariant(effort)
+
+
+def test_sdss_refuses_1x1_output():
+    with pytest.raises(ValueError, match="1x1"):
+        pylayers.conv_forward(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)), None, {},
+                              {"relu": True, "sdss": {"enabled": True}})
+
+
+# ---------------------------------------------------------------------------------------
+# SFMA
+# ---------------------------------------------------------------------------------------
+
+def test_sfma_constant_map_hand_counted():
+    rng = np.random.RandomState(6)
+    x = rng.standard_normal((2, 2, 5, 5))
+    x[:, 0] = 0.7                                    # channel 0 constant in both images
+    W = rng.standard_normal((3, 2, 3, 3))
+    b = rng.standard_normal(3)
+    st = {"sfma": {"enabled": True, "threshold": 0.0}}
+    top, effort = pylayers.conv_forward(x, W, b, {"pad": 1}, st)
+    dense, _ = pylayers.conv_forward(x, W, b, {"pad": 1}, {})
+    np.testing.assert_allclose(top, dense, atol=1e-12)          # border corrected: exact
+    # Interior: the constant map contributes its mean times the kernel sum.
+    only_live, _ = pylayers.conv_forward(x[:, 1:], W[:, 1:], b, {"pad": 1}, {})
+    interior = only_live + 0.7 * W[:, 0].sum(axis=(1, 2))[None, :, None, None]
+    np.testing.assert_allclose(top[:, :, 1:4, 1:4], interior[:, :, 1:4, 1:4], atol=1e-12)
+
+    assert effort["sfma_maps"] == 2
+    outputs = 2 * 3 * 25
+    assert effort["macs_skipped_sfma"] == outputs * 9
+    assert effort["macs_executed"] == outputs * 9
+    per_image = 2 * (3 * 25 + 1) + 3 * (1 * 9 + 9) + 3 * (9 * 1 + 16 * 4)
+    assert effort["ops_sfma"] == 2 * per_image
+    check_invariant(effort)
+
+
+@pytest.mark.parametrize("geo", CONV_CASES + [geo_case(kernel=(1, 1), pad=(1, 1))])
+def test_sfma_is_exact_on_constant_maps_for_any_geometry(geo):
+    rng = np.random.RandomState(7)
+    x = rng.standard_normal(geo["shape"])
+    x[0, 0] = 0.5
+    x[1, 1:3] = -1.25                               # constant maps in both groups
+    c_g = geo["shape"][1] // geo["group"]
+    W = rng.standard_normal((geo["out"], c_g) + geo["kernel"])
+    b = rng.standard_normal(geo["out"]) if geo["bias"] else None
+    top, effort = pylayers.conv_forward(x, W, b, oracle_geometry(geo),
+                                        {"sfma": {"enabled": True}})
+    dense, _ = pylayers.conv_forward(x, W, b, oracle_geometry(geo), {})
+    np.testing.assert_allclose(top, dense, atol=1e-12)
+    assert effort["sfma_maps"] == 3
+    check_invariant(effort)
+
+
+def test_sfma_spread_range_and_std():
+    x = np.zeros((1, 2, 4, 4))
+    x[0, 0, 0, 0] = 1.0           # range 1, population std sqrt(15)/16 ~ 0.242
+    x[0, 1] = 2.0
+    W = np.ones((1, 2, 3, 3))
+    counts = {}
+    for spread in ("RANGE", "STD"):
+        _, effort = pylayers.conv_forward(x, W, None, {},
+                                          {"sfma": {"enabled": True, "threshold": 0.5,
+                                                    "spread": spread}})
+        counts[spread] = effort["sfma_maps"]
+    assert counts == {"RANGE": 1, "STD": 2}
+
+
+# ---------------------------------------------------------------------------------------
+# All knobs together: the invariant and the counters' consistency on random cases
+# ---------------------------------------------------------------------------------------
+
+def test_invariant_on_random_cases():
+    rng = np.random.RandomState(8)
+    for case in range(12):
+        geo = CONV_CASES[case % len(CONV_CASES)]
+        x = np.maximum(rng.standard_normal(geo["shape"]), 0)
+        x[0, case % geo["shape"][1]] = 0.25 * case
+        c_g = geo["shape"][1] // geo["group"]
+        W = rng.standard_normal((geo["out"], c_g) + geo["kernel"])
+        b = rng.standard_normal(geo["out"]) if geo["bias"] else None
+        st = {"relu": True,
+              "spet": {"enabled": bool(case % 2), "fraction": float(rng.uniform(0.2, 1)),
+                       "threshold": float(rng.uniform(-1, 1)),
+                       "ordering": ["PER_LAYER", "PER_OUTPUT"][case % 3 == 0],
+                       "exact": case % 4 < 2, "check_interval": int(rng.randint(1, 5))},
+              "sdss": {"enabled": case % 3 != 2, "stride": int(rng.randint(1, 4)),
+                       "threshold": float(rng.uniform(0, 0.5)),
+                       "fill": ["MEAN", "ZERO"][case % 2]},
+              "sfma": {"enabled": case % 5 != 4, "threshold": 0.1,
+                       "spread": ["RANGE", "STD"][case % 2]}}
+        top, effort = pylayers.conv_forward(x, W, b, oracle_geometry(geo), st)
+        check_invariant(effort)
+        assert effort["outputs"] == top.size and (top >= 0).all()
+        assert effort["ops_spet"] + effort["sdss_filled"] <= top.size
+
+    for transpose in (False, True):
+        x = np.abs(rng.standard_normal((4, 20)))
+        W = rng.standard_normal((20, 7) if transpose else (7, 20))
+        st = {"relu": True, "spet": {"enabled": True, "fraction": 0.3, "exact": True,
+                                     "check_interval": 3, "ordering": "PER_OUTPUT"}}
+        _, effort = pylayers.ip_forward(x, W, rng.standard_normal(7), st, transpose=transpose)
+        check_invariant(effort)
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------
+
+def test_settings_defaults_and_round_trip():
+    full = settings.normalize({})
+    assert full == settings.DEFAULTS and full is not settings.DEFAULTS
+    given = {"relu": True, "spet": {"enabled": True, "fraction": 1, "ordering": "PER_OUTPUT"},
+             "sfma": {"spread": "STD"}}
+    normalized = settings.normalize(given)
+    assert normalized["spet"] == {"enabled": True, "fraction": 1.0, "threshold": 0.0,
+                                  "ordering": "PER_OUTPUT", "exact": False,
+                                  "check_interval": 16}
+    assert normalized["sdss"] == settings.DEFAULTS["sdss"]
+    assert settings.normalize(normalized) == normalized
+    assert settings.from_param_str(settings.to_json(given)) == normalized
+    assert settings.from_param_str("") == full
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"spet": {"fraction": 0}}, r"spet.fraction must be in \(0, 1\], got 0"),
+    ({"spet": {"fraction": 1.5}}, "spet.fraction"),
+    ({"spet": {"check_interval": 0}}, "spet.check_interval must be >= 1"),
+    ({"spet": {"check_interval": 2.5}}, "spet.check_interval must be an integer"),
+    ({"sdss": {"stride": 0}}, "sdss.stride must be >= 1"),
+    ({"sdss": {"threshold": -0.1}}, "sdss.threshold must be >= 0"),
+    ({"sfma": {"threshold": -1}}, "sfma.threshold must be >= 0"),
+    ({"spet": {"threshold": float("nan")}}, "spet.threshold must be a number"),
+    ({"spet": {"enabled": True}}, "spet.enabled requires relu"),
+    ({"spet": {"exact": True}}, "spet.exact requires relu"),
+    ({"sdss": {"enabled": True}}, "sdss.enabled requires relu"),
+    ({"spet": {"ordering": "PER_IMAGE"}}, "spet.ordering must be one of"),
+    ({"sdss": {"fill": "mean"}}, "sdss.fill must be one of"),
+    ({"sfma": {"spread": "MAD"}}, "sfma.spread must be one of"),
+    ({"relu": 1}, "relu must be true or false"),
+    ({"speed": 1}, "unknown DyVE setting 'speed'"),
+    ({"spet": {"frac": 0.5}}, "unknown DyVE setting 'spet.frac'"),
+    ({"spet": 0.5}, "spet must be an object"),
+])
+def test_settings_reject_invalid(bad, message):
+    with pytest.raises(ValueError, match=message):
+        settings.normalize(bad)
+
+
+def test_from_param_str_rejects_bad_json():
+    with pytest.raises(ValueError, match="not valid JSON"):
+        settings.from_param_str("{relu: true}")
+
+
+def test_ip_refuses_feature_knobs():
+    for knob in ("sdss", "sfma"):
+        with pytest.raises(ValueError, match=f"{knob} is for convolution layers only"):
+            pylayers.ip_forward(np.ones((1, 3)), np.ones((2, 3)), None,
+                                {"relu": True, knob: {"enabled": True}})

@@ -69,6 +69,7 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   bool state_stale_;
   std::vector<DyveNeuronPlan<Dtype> > plans_;  // per group, no SFMA maps
   std::vector<Dtype> rows_, z_, sfma_table_;
+  std::vector<int> tap_offset_;  // input offset of each tap, row-major taps
 };
 
 }  // namespace caffe

@@ -107,8 +107,10 @@ class DyveNeuronPlan {
   int row_length_;
   int prefix_length_;                  // PER_LAYER: leading taps of a row
   std::vector<Dtype> row_weights_;     // O x row_length_, row order
-  // PER_OUTPUT: per neuron, the prefix and the rest as row indices.
+  // PER_OUTPUT: per neuron, the prefix and the rest as row indices, with
+  // their weights in the same order.
   std::vector<std::vector<int> > prefix_index_, rest_index_;
+  std::vector<std::vector<Dtype> > prefix_weight_, rest_weight_;
   // Exact mode: per neuron, the rest split by weight sign, in rest order.
   std::vector<std::vector<int> > positive_index_, negative_index_;
   std::vector<std::vector<Dtype> > positive_weight_, negative_weight_;

@@ -40,6 +40,17 @@ void DyveConvolutionLayer<Dtype>::Reshape(const vector<Blob<Dtype>*>& bottom,
   ConvolutionLayer<Dtype>::Reshape(bottom, top);
   const std::string error = CheckShapes(dyve_param_);
   CHECK(error.empty()) << error;
+  if (this->num_spatial_axes_ == 2) {
+    const int width = this->conv_input_shape_.cpu_data()[2];
+    const int* kernel = this->kernel_shape_.cpu_data();
+    const int* dilation = this->dilation_.cpu_data();
+    tap_offset_.clear();
+    for (int kh = 0; kh < kernel[0]; ++kh) {
+      for (int kw = 0; kw < kernel[1]; ++kw) {
+        tap_offset_.push_back(kh * dilation[0] * width + kw * dilation[1]);
+      }
+    }
+  }
 }
 
 template <typename Dtype>
@@ -87,6 +98,19 @@ void DyveConvolutionLayer<Dtype>::GatherRow(const Dtype* group_input,
   const int* dilation = this->dilation_.cpu_data();
   const int y = p / this->output_shape_[1], x = p % this->output_shape_[1];
   const int top = y * stride[0] - pad[0], left = x * stride[1] - pad[1];
+  const int taps = kernel[0] * kernel[1];
+  if (top >= 0 && top + (kernel[0] - 1) * dilation[0] < height &&
+      left >= 0 && left + (kernel[1] - 1) * dilation[1] < width) {
+    // Every tap inside the map: one table of offsets, no bounds checks.
+    const int* offset = tap_offset_.data();
+    for (int k = 0; k < channels.size(); ++k) {
+      const Dtype* base =
+          group_input + channels[k] * height * width + top * width + left;
+      for (int t = 0; t < taps; ++t) row[t] = base[offset[t]];
+      row += taps;
+    }
+    return;
+  }
   for (int k = 0; k < channels.size(); ++k) {
     const Dtype* map = group_input + channels[k] * height * width;
     for (int kh = 0; kh < kernel[0]; ++kh) {

@@ -123,6 +123,23 @@ inline double Dot(int n, const double* x, const double* y) {
   return cblas_ddot(n, x, 1, y, 1);
 }
 
+// sum_i w[i] * row[index[i]]: four independent sums, so the gathers are not
+// serialised on one chain of dependent adds.
+template <typename Dtype>
+inline Dtype GatherDot(int n, const Dtype* w, const int* index,
+    const Dtype* row) {
+  Dtype s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += w[i] * row[index[i]];
+    s1 += w[i + 1] * row[index[i + 1]];
+    s2 += w[i + 2] * row[index[i + 2]];
+    s3 += w[i + 3] * row[index[i + 3]];
+  }
+  for (; i < n; ++i) s0 += w[i] * row[index[i]];
+  return (s0 + s1) + (s2 + s3);
+}
+
 }  // namespace
 
 // The number of prefix channels: ceil(f * C) with a tolerance so that a float
@@ -193,13 +210,19 @@ void DyveNeuronPlan<Dtype>::Build(const DyveParameter& param,
   }
   prefix_index_.assign(per_output ? num_output_ : 0, std::vector<int>());
   rest_index_.assign(per_output ? num_output_ : 0, std::vector<int>());
+  prefix_weight_.assign(prefix_index_.size(), std::vector<Dtype>());
+  rest_weight_.assign(rest_index_.size(), std::vector<Dtype>());
   for (int o = 0; o < prefix_index_.size(); ++o) {
     for (int k = 0; k < channels_; ++k) {
       const int position = row_position[output_order_[o][k]];
       if (position < 0) continue;
-      std::vector<int>& index = k < prefix_channels ? prefix_index_[o]
-                                                    : rest_index_[o];
-      for (int t = 0; t < taps_; ++t) index.push_back(position * taps_ + t);
+      const bool prefix = k < prefix_channels;
+      std::vector<int>& index = prefix ? prefix_index_[o] : rest_index_[o];
+      std::vector<Dtype>& w = prefix ? prefix_weight_[o] : rest_weight_[o];
+      for (int t = 0; t < taps_; ++t) {
+        index.push_back(position * taps_ + t);
+        w.push_back(row_weights_[o * row_length_ + position * taps_ + t]);
+      }
     }
   }
   const bool exact = param.spet().exact();
@@ -282,10 +305,9 @@ Dtype DyveNeuronPlan<Dtype>::EvaluateNeuron(const Dtype* row, int o,
       }
       effort->macs_executed += prefix_length_;
     } else {
-      const std::vector<int>& index = prefix_index_[o];
-      const Dtype* w = &row_weights_[o * row_length_];
-      for (int i = 0; i < index.size(); ++i) z += w[index[i]] * row[index[i]];
-      effort->macs_executed += index.size();
+      const std::vector<Dtype>& w = prefix_weight_[o];
+      z += GatherDot<Dtype>(w.size(), w.data(), prefix_index_[o].data(), row);
+      effort->macs_executed += w.size();
     }
   }
   return Finish(row, o, z, effort);
@@ -307,10 +329,8 @@ Dtype DyveNeuronPlan<Dtype>::Finish(const Dtype* row, int o, Dtype z,
   }
   if (param_.spet().exact()) {
     const std::vector<int>& positive = positive_index_[o];
-    const Dtype* positive_w = positive_weight_[o].data();
-    for (int i = 0; i < positive.size(); ++i) {
-      z += positive_w[i] * row[positive[i]];
-    }
+    z += GatherDot<Dtype>(positive.size(), positive_weight_[o].data(),
+        positive.data(), row);
     effort->macs_executed += positive.size();
     const std::vector<int>& negative = negative_index_[o];
     const Dtype* negative_w = negative_weight_[o].data();
@@ -325,13 +345,15 @@ Dtype DyveNeuronPlan<Dtype>::Finish(const Dtype* row, int o, Dtype z,
         return Dtype(0);
       }
       const int end = std::min(count, start + interval);
-      for (int i = start; i < end; ++i) z += negative_w[i] * row[negative[i]];
+      z += GatherDot<Dtype>(end - start, negative_w + start,
+          negative.data() + start, row);
       effort->macs_executed += end - start;
     }
   } else if (!rest_index_.empty()) {
-    const std::vector<int>& index = rest_index_[o];
-    for (int i = 0; i < index.size(); ++i) z += w[index[i]] * row[index[i]];
-    effort->macs_executed += index.size();
+    const std::vector<Dtype>& rest_w = rest_weight_[o];
+    z += GatherDot<Dtype>(rest_w.size(), rest_w.data(), rest_index_[o].data(),
+        row);
+    effort->macs_executed += rest_w.size();
   } else {
     const int start = param_.spet().enabled() ? prefix_length_ : 0;
     if (row_length_ > start) {

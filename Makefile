@@ -22,7 +22,8 @@ export PATH := $(BIN):$(PATH)
 export PYTHONPATH := $(CAFFE_SRC)/python:$(ROOT)/python
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: all build deps fetch env test test-cpp test-python reproduce prototxt clean
+.PHONY: all build deps fetch env test test-cpp test-python reproduce prototxt data-cifar10 \
+	train-cifar10 clean
 
 all: build
 
@@ -72,8 +73,19 @@ test-cpp: build
 	$(MAKE) -C $(CAFFE_BUILD) -j$(JOBS) --no-print-directory dyve_test.testbin
 	cd $(CAFFE_SRC) && $(CAFFE_BUILD)/test/dyve_test.testbin --gtest_filter='-*GPU*'
 
-test-python: build
+test-python: build data-cifar10
 	$(PYTHON) -m pytest -q tests
+
+# CIFAR-10 to LMDB (data/cifar10): the offline copy in ../shared/data when present,
+# else the official release, downloaded and checksum-verified. Skips when up to date.
+SHARED_CIFAR10 := $(wildcard $(ROOT)/../shared/data/cifar10-images.tar.gz)
+data-cifar10: build
+	$(PYTHON) -m dyve.data cifar10 $(if $(SHARED_CIFAR10),,--download) > /dev/null
+
+# Retrains the committed CIFAR-10 weights (models/); `make reproduce` never does.
+train-cifar10: data-cifar10
+	$(PYTHON) -m dyve.train cifar10_quick
+	$(PYTHON) -m dyve.train cifar10_full
 
 prototxt: build
 	$(PYTHON) -m dyve.gen_prototxt --out-dir prototxt

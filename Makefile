@@ -90,7 +90,9 @@ train-cifar10: data-cifar10
 prototxt: build
 	$(PYTHON) -m dyve.gen_prototxt --out-dir prototxt
 
-reproduce: build
+# The main job: tune and measure (python/dyve/reproduce.py); reports/ and the table.
+reproduce: build data-cifar10
+	$(PYTHON) -m dyve.reproduce
 
 clean:
 	rm -rf $(BUILD)

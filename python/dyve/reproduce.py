@@ -1,0 +1,143 @@
+"""The main job (`make reproduce`): tune and measure DyVE nets against stock Caffe.
+
+1. CIFAR-10 (`cifar10_quick`, `cifar10_full`): the committed weights (models/), tuned by
+   `dyve.tune` on the calibration split (carved from the training set), then measured by
+   `dyve.bench` on the whole test set against stock Caffe (and OpenCV dnn).
+2. ImageNet nets (AlexNet, OverFeat fast/accurate, VGG-16), in the form the world allows:
+   * with `--weights-dir` (WEIGHTS_DIR) holding `<net>.caffemodel` and `--imagenet-dir`
+     (IMAGENET_DIR) holding labelled photos (wnid file-name prefixes): measured on those
+     photos; tuned first on `--imagenet-calib-dir` (IMAGENET_CALIB_DIR, photos that are not
+     the measured ones, e.g. from the training set) when it is given;
+   * otherwise the stock and DyVE forms, every knob off, are timed with filler weights on
+     a few batches of the shared ImageNet photos, with no accuracy column; the row says
+     "no weights: dense-path overhead only".
+3. Writes reports/<net>/ (summary.json, summary.md, plots, tune/) and reports/summary.md,
+   and prints the paper-style table.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from dyve import data, tune
+from dyve.tools import REPO_ROOT
+
+CIFAR10_NETS = ("cifar10_quick", "cifar10_full")
+IMAGENET_NETS = ("alexnet", "overfeat_fast", "overfeat_accurate", "vgg16")
+
+
+def repo_path(*parts):
+    return os.path.join(REPO_ROOT, *parts)
+
+
+def run_bench(args):
+    """dyve.bench in its own process (it starts one worker per thread count anyway)."""
+    command = [sys.executable, "-m", "dyve.bench", *args]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO_ROOT)
+
+
+def cifar10(net, options):
+    weights = repo_path("models", f"{net}.caffemodel")
+    if not os.path.exists(weights):
+        raise SystemExit(f"reproduce: {weights} is missing; run 'make train-cifar10' to train it")
+    cifar = repo_path("data", "cifar10")
+    out_dir = os.path.join(options.out, net)
+    tune_dir = os.path.join(out_dir, "tune")
+    tune.tune(repo_path("prototxt", f"{net}_dyve_deploy.prototxt"), weights,
+              os.path.join(cifar, "cifar10_calib_lmdb"), mean=os.path.join(cifar, "mean.binaryproto"),
+              budget=options.budget, knobs=options.knobs, seed=options.seed, out_dir=tune_dir,
+              train_val=repo_path("prototxt", f"{net}_dyve_train_val.prototxt"),
+              max_images=options.calib_images)
+    bench = ["--net", net, "--weights", weights,
+             "--stock", repo_path("prototxt", f"{net}_deploy.prototxt"),
+             "--dyve", os.path.join(tune_dir, "tuned_deploy.prototxt"),
+             "--images", os.path.join(cifar, "cifar10_test_lmdb"),
+             "--mean", os.path.join(cifar, "mean.binaryproto"),
+             "--threads", options.threads, "--out-dir", out_dir, "--opencv"]
+    if options.test_images:
+        bench += ["--max-images", str(options.test_images)]
+    run_bench(bench)
+
+
+def imagenet_lmdb(images_dir, name):
+    """A user's photo folder as a 256x256 LMDB with its mean (skipped when up to date)."""
+    out_dir = repo_path("data", "imagenet", name)
+    prepared = data.prepare_imagenet(images_dir, out_dir=out_dir, name=name)
+    return os.path.join(out_dir, prepared["lmdb"]), os.path.join(out_dir, "mean.binaryproto")
+
+
+def imagenet(net, options):
+    out_dir = os.path.join(options.out, net)
+    stock = repo_path("prototxt", f"{net}_deploy.prototxt")
+    dyve_off = repo_path("prototxt", f"{net}_dyve_deploy.prototxt")
+    weights = os.path.join(options.weights_dir, f"{net}.caffemodel") if options.weights_dir else None
+    if weights and os.path.exists(weights) and options.imagenet_dir:
+        images, mean = imagenet_lmdb(options.imagenet_dir, "eval")
+        dyve = dyve_off
+        if options.imagenet_calib_dir:
+            # Tuned on the calibration photos, measured on the others.
+            calib, calib_mean = imagenet_lmdb(options.imagenet_calib_dir, "calib")
+            tune_dir = os.path.join(out_dir, "tune")
+            tune.tune(dyve_off, weights, calib, mean=calib_mean, budget=options.budget,
+                      knobs=options.knobs, seed=options.seed, out_dir=tune_dir)
+            dyve = os.path.join(tune_dir, "tuned_deploy.prototxt")
+        else:
+            print(f"reproduce: {net}: no IMAGENET_CALIB_DIR, so not tuned; measuring the DyVE "
+                  "form with every knob off", flush=True)
+        run_bench(["--net", net, "--weights", weights, "--stock", stock, "--dyve", dyve,
+                   "--images", images, "--mean", mean, "--threads", options.threads,
+                   "--out-dir", out_dir])
+        return
+    # No weights: the dense path's overhead, timed on a few batches of real photos.
+    run_bench(["--net", net, "--stock", stock, "--dyve", dyve_off,
+               "--images", options.imagenet_sample, "--max-images", "8", "--batch", "4",
+               "--time-images", "4", "--repeats", "3", "--threads", options.threads,
+               "--out-dir", out_dir])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=repo_path("reports"), help="reports folder (default %(default)s)")
+    parser.add_argument("--cifar10-nets", default=",".join(CIFAR10_NETS),
+                        help="CIFAR-10 nets to tune and measure (default %(default)s)")
+    parser.add_argument("--imagenet-nets", default=",".join(IMAGENET_NETS),
+                        help="ImageNet nets to measure (default %(default)s; '' for none)")
+    parser.add_argument("--weights-dir", default=os.environ.get("WEIGHTS_DIR"),
+                        help="folder of <net>.caffemodel for the ImageNet nets (env WEIGHTS_DIR)")
+    parser.add_argument("--imagenet-dir", default=os.environ.get("IMAGENET_DIR"),
+                        help="labelled ImageNet photos (env IMAGENET_DIR)")
+    parser.add_argument("--imagenet-calib-dir", default=os.environ.get("IMAGENET_CALIB_DIR"),
+                        help="photos to tune the ImageNet nets on (env IMAGENET_CALIB_DIR)")
+    parser.add_argument("--imagenet-sample", default=os.path.join(data.shared_data_dir() or "",
+                                                                  "imagenet-sample-dev"),
+                        help="photos for the no-weights timing (default: the shared sample)")
+    parser.add_argument("--budget", type=float, default=0.5, help="top-1 budget in points (default 0.5)")
+    parser.add_argument("--knobs", type=tune._knob_list, default=tune.KNOBS,
+                        help="knobs the tuner may use (default: all)")
+    parser.add_argument("--seed", type=int, default=1701)
+    parser.add_argument("--calib-images", type=int, help="at most this many calibration images")
+    parser.add_argument("--test-images", type=int, help="at most this many test images (default all)")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="OpenBLAS thread counts timed")
+    options = parser.parse_args(argv)
+
+    started = time.time()
+    nets = [n for n in options.cifar10_nets.split(",") if n]
+    imagenet_nets = [n for n in options.imagenet_nets.split(",") if n]
+    for net in nets:
+        if net not in CIFAR10_NETS:
+            parser.error(f"unknown CIFAR-10 net '{net}' (choose from {', '.join(CIFAR10_NETS)})")
+        cifar10(net, options)
+    for net in imagenet_nets:
+        if net not in IMAGENET_NETS:
+            parser.error(f"unknown ImageNet net '{net}' (choose from {', '.join(IMAGENET_NETS)})")
+        imagenet(net, options)
+    summaries = [os.path.join(options.out, n, "summary.json") for n in nets + imagenet_nets]
+    run_bench(["--table", *summaries, "--table-md", os.path.join(options.out, "summary.md")])
+    print(f"reproduce: done in {(time.time() - started) / 60:.1f} min; reports in {options.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ export PYTHONPATH := $(CAFFE_SRC)/python:$(ROOT)/python
 export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: all build deps fetch env test test-cpp test-python reproduce prototxt data-cifar10 \
-	train-cifar10 clean
+	train-cifar10 docker-test clean
 
 all: build
 
@@ -76,11 +76,17 @@ test-cpp: build
 test-python: build data-cifar10
 	$(PYTHON) -m pytest -q tests
 
-# CIFAR-10 to LMDB (data/cifar10): the offline copy in ../shared/data when present,
-# else the official release, downloaded and checksum-verified. Skips when up to date.
-SHARED_CIFAR10 := $(wildcard $(ROOT)/../shared/data/cifar10-images.tar.gz)
+# CIFAR-10 to LMDB (data/cifar10) from $DYVE_SHARED_DATA (default ../shared/data): the
+# offline image copy cifar10-images.tar.gz, else the official cifar-10-binary.tar.gz;
+# with neither, the official release is downloaded and checksum-verified. Skips when up
+# to date.
+SHARED_DATA := $(or $(DYVE_SHARED_DATA),$(abspath $(ROOT)/../shared/data))
+CIFAR10_IMAGES := $(wildcard $(SHARED_DATA)/cifar10-images.tar.gz)
+CIFAR10_BINARY := $(wildcard $(SHARED_DATA)/cifar-10-binary.tar.gz)
+CIFAR10_INPUT := $(if $(CIFAR10_IMAGES),--images $(CIFAR10_IMAGES),$(if \
+	$(CIFAR10_BINARY),--binary $(CIFAR10_BINARY),--download))
 data-cifar10: build
-	$(PYTHON) -m dyve.data cifar10 $(if $(SHARED_CIFAR10),,--download) > /dev/null
+	$(PYTHON) -m dyve.data cifar10 $(CIFAR10_INPUT) > /dev/null
 
 # Retrains the committed CIFAR-10 weights (models/); `make reproduce` never does.
 train-cifar10: data-cifar10
@@ -93,6 +99,11 @@ prototxt: build
 # The main job: tune and measure (python/dyve/reproduce.py); reports/ and the table.
 reproduce: build data-cifar10
 	$(PYTHON) -m dyve.reproduce
+
+# Builds the Docker image, runs `make reproduce` in it on ../shared/data (or
+# $DYVE_DOCKER_DATA) and checks the reports and the printed table. Not part of `make test`.
+docker-test:
+	bash scripts/docker_test.sh
 
 clean:
 	rm -rf $(BUILD)

@@ -17,6 +17,7 @@ changes: CMake must be re-run then, because Caffe's CMake globs its sources.
 """
 import argparse
 import filecmp
+import glob
 import os
 import shutil
 import subprocess
@@ -108,6 +109,10 @@ def main():
                             stdout=subprocess.DEVNULL)
     if result.returncode != 0:
         fail(f"dpkg-source -x {args.dsc} failed; delete {os.path.dirname(args.dsc)} and run make again")
+    # dpkg-source leaves a copy of the orig tarball beside the unpacked tree.
+    if os.path.dirname(scratch) != os.path.dirname(os.path.abspath(args.dsc)):
+        for copied in glob.glob(os.path.join(os.path.dirname(scratch), "*.orig.tar.*")):
+            os.remove(copied)
 
     patches_dir = os.path.join(overlay_dir, "patches")
     for name in sorted(os.listdir(patches_dir)):

@@ -17,10 +17,10 @@ from google.protobuf import text_format
 import caffe
 from caffe.proto import caffe_pb2
 
-from dyve import live, pylayers
-from dyve.tools import REPO_ROOT, caffe_tool
+from dyve import data, live, pylayers
+from dyve.tools import caffe_tool
 
-SHARED_CIFAR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "cifar10-images.tar.gz")
+SHARED_CIFAR = os.path.join(data.shared_data_dir(), "cifar10-images.tar.gz")
 
 
 def dyve_param_text(settings):

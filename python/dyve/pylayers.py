@@ -189,6 +189,8 @@ def _neuron_plan(w, order, n_prefix, constant, kk, spet):
     if spet["exact"]:
         rest = plan["rest"]
         neg = rest[w[rest] < 0]
+        # Most negative weight first, so the sum falls below 0 as early as possible.
+        neg = neg[np.argsort(w[neg], kind="stable")]
         plan["pos"] = rest[w[rest] >= 0]
         step = spet["check_interval"]
         plan["neg_chunks"] = [neg[i:i + step] for i in range(0, len(neg), step)]

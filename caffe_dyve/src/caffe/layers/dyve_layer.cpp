@@ -237,15 +237,24 @@ void DyveNeuronPlan<Dtype>::Build(const DyveParameter& param,
     } else {
       for (int j = prefix_length_; j < row_length_; ++j) rest.push_back(j);
     }
+    std::vector<std::pair<Dtype, int> > negative;
     for (int i = 0; i < rest.size(); ++i) {
       const Dtype w = row_weights_[o * row_length_ + rest[i]];
       if (w >= 0) {
         positive_index_[o].push_back(rest[i]);
         positive_weight_[o].push_back(w);
       } else {
-        negative_index_[o].push_back(rest[i]);
-        negative_weight_[o].push_back(w);
+        negative.push_back(std::make_pair(w, rest[i]));
       }
+    }
+    // Most negative weight first, so the sum falls below 0 as early as possible.
+    std::stable_sort(negative.begin(), negative.end(),
+        [](const std::pair<Dtype, int>& a, const std::pair<Dtype, int>& b) {
+          return a.first < b.first;
+        });
+    for (int i = 0; i < negative.size(); ++i) {
+      negative_weight_[o].push_back(negative[i].first);
+      negative_index_[o].push_back(negative[i].second);
     }
   }
 }

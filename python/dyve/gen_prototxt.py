@@ -5,7 +5,9 @@ form, train_val and deploy, plus Caffe's CIFAR-10 solvers pointing at them.
     /usr/bin/python3 python/dyve/gen_prototxt.py --check    # exit 1 if prototxt/ is stale
 
 Files: <net>_train_val, <net>_deploy, <net>_dyve_train_val, <net>_dyve_deploy (DyVE forms
-with every knob off, relu: true) and cifar10_{quick,full}_solver[_lrK].prototxt.
+with every knob off, relu: true) and the CIFAR-10 solvers <schedule>_solver[_lrK].prototxt
+of nets.CIFAR10_SCHEDULES: Caffe's cifar10_quick and cifar10_full recipes and our shortened
+cifar10_full_short (see nets.py).
 """
 import argparse
 import os
@@ -40,10 +42,9 @@ def generate(with_dyve=None):
             files[f"{name}_{form}.prototxt"] = nets.build(name, form)
             if with_dyve:
                 files[f"{name}_dyve_{form}.prototxt"] = nets.build(name, form, dyve={})
-    for name, recipe in nets.CIFAR10_SCHEDULES.items():
+    for schedule, recipe in nets.CIFAR10_SCHEDULES.items():
         for stage in range(len(recipe["stages"])):
-            suffix = f"_lr{stage}" if stage else ""
-            files[f"{name}_solver{suffix}.prototxt"] = nets.cifar10_solver(name, stage)
+            files[nets.solver_file(schedule, stage)] = nets.cifar10_solver(schedule, stage)
     return {fname: HEADER + nets.to_text(message) for fname, message in files.items()}
 
 

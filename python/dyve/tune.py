@@ -76,9 +76,10 @@ The search
    If the UCB exceeds the budget, the greedy steps are undone from the last one backwards,
    each undo re-verified, until it fits (the floor always does); the undos are recorded.
 
-Ctrl-C stops cleanly: the best setting accepted so far is written, with ``"interrupted":
-true`` in search.json. The search is deterministic for a seed: fixed candidate order, and
-the only randomness (split, position sample) comes from seeded generators.
+Ctrl-C (or SIGTERM, from the command line) stops cleanly: the best setting accepted so far
+is written, with ``"interrupted": true`` in search.json. The search is deterministic for a
+seed: fixed candidate order, and the only randomness (split, position sample) comes from
+seeded generators.
 
 Outputs (each written to a temporary file and moved in place with ``os.replace``), in
 ``--out-dir`` (default ``reports/<net-name>/tune``):
@@ -98,6 +99,7 @@ import copy
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -1521,6 +1523,11 @@ def main(argv=None):
                              "measured accuracy gains; default: loss clamped at 0")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+
+    def terminate(signum, frame):  # a kill (SIGTERM) stops cleanly, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     if args.budget < 0:
         parser.error(f"--budget must be >= 0 percentage points, got {args.budget:g}")
     try:

@@ -81,6 +81,7 @@ import numpy as np
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # before Caffe loads: no net-init log
 
+from dyve import files  # noqa: E402
 from dyve.tools import REPO_ROOT  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -800,14 +801,6 @@ def timing_summary(worker, layer_reduction):
 
 # ----------------------------------------------------------------------------- output
 
-def _atomic_write(path, data, mode="w"):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, mode) as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _json_default(obj):
     if isinstance(obj, np.integer):
         return int(obj)
@@ -817,7 +810,7 @@ def _json_default(obj):
 
 
 def write_json(path, obj):
-    _atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    files.write_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _pct(v, digits=2):
@@ -1413,7 +1406,7 @@ def run(args, argv):
     summary["machine"]["loadavg_end"] = _loadavg()
     os.makedirs(args.out_dir, exist_ok=True)
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    _atomic_write(os.path.join(args.out_dir, "summary.md"), render_markdown(summary))
+    files.write_atomic(os.path.join(args.out_dir, "summary.md"), render_markdown(summary))
     plot_effort(summary, os.path.join(args.out_dir, "effort.png"))
     search = os.path.join(args.out_dir, "tune", "search.json")
     if os.path.isfile(search):  # a tuner ran for this net: plot its search too
@@ -1440,7 +1433,7 @@ def main(argv=None):
         if args.table:
             md, plain = merge_table(args.table)
             if args.table_md:
-                _atomic_write(args.table_md, md)
+                files.write_atomic(args.table_md, md)
             sys.stdout.write(plain)
             return 0
         if args.plot_tuning:

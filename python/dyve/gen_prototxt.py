@@ -12,14 +12,13 @@ cifar10_full_short (see nets.py).
 import argparse
 import os
 import sys
-import tempfile
 
 try:
-    from dyve import nets
+    from dyve import files, nets
     from dyve.tools import REPO_ROOT
 except ImportError:  # run as a script without python/ on PYTHONPATH
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from dyve import nets
+    from dyve import files, nets
     from dyve.tools import REPO_ROOT
 
 DEFAULT_OUT_DIR = os.path.join(REPO_ROOT, "prototxt")
@@ -49,25 +48,14 @@ def generate(with_dyve=None):
 
 
 def write_atomic(path, text):
-    """Write `text` to `path` through a temporary file and os.replace, so a reader never
-    sees a half-written file. Returns False (and writes nothing) when unchanged."""
+    """Write `text` to `path` atomically; returns False (and writes nothing) when the file
+    already holds exactly that text."""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             if f.read() == text:
                 return False
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".prototxt")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    files.write_atomic(path, text)
     return True
-
 
 def write_all(out_dir, files):
     os.makedirs(out_dir, exist_ok=True)

@@ -39,7 +39,7 @@ import time
 # full INFO log back in caffe_env.
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from dyve import nets  # noqa: E402
+from dyve import files, nets  # noqa: E402
 from dyve.tools import REPO_ROOT, caffe_tool  # noqa: E402
 
 NETS = ("cifar10_quick", "cifar10_full")
@@ -88,23 +88,6 @@ def file_digest(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_atomic(path, data):
-    """Write bytes or text to `path` via a temporary file in the same directory and
-    os.replace, so models/ never holds a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def caffe_env(threads):
@@ -205,7 +188,7 @@ def to_binary_caffemodel(weights, net_prototxt, out):
     converted by loading it into the TRAIN net (what Solver snapshots) and Net::save."""
     if not weights.endswith(".h5"):
         with open(os.path.join(REPO_ROOT, weights), "rb") as f:
-            write_atomic(out, f.read())
+            files.write_atomic(out, f.read())
         return
     import caffe
     caffe.set_mode_cpu()
@@ -376,9 +359,9 @@ def train(net, schedule_key=None, threads=2, keep_snapshots=False, argv=None):
                   command_stock=commands["stock"], command_dyve=commands["dyve"],
                   top1_stock=top1["stock"], top1_dyve=top1["dyve"]),
     )
-    write_atomic(os.path.join(REPO_ROOT, MODELS_DIR, f"{net}.json"),
+    files.write_atomic(os.path.join(REPO_ROOT, MODELS_DIR, f"{net}.json"),
                  json.dumps(facts, indent=2) + "\n")
-    write_atomic(os.path.join(REPO_ROOT, MODELS_DIR, f"{net}.md"), format_readme(facts))
+    files.write_atomic(os.path.join(REPO_ROOT, MODELS_DIR, f"{net}.md"), format_readme(facts))
     print(f"== wrote {MODELS_DIR}/{net}.json and {MODELS_DIR}/{net}.md", flush=True)
     if top1["stock"] != top1["dyve"]:
         raise TrainError(f"DyVE form (all knobs off) gives top-1 {top1['dyve']} but the stock "

@@ -116,6 +116,7 @@ from tqdm import tqdm
 import caffe
 from caffe.proto import caffe_pb2
 
+from dyve import files as dyve_files
 from dyve import live, nets
 from dyve import settings as dyve_settings
 
@@ -901,20 +902,6 @@ def _with_level(settings, layer, knob, level):
     return out
 
 
-def _atomic_write(path, text):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=os.path.basename(path) + ".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def net_name(model):
     """reports/<net-name>: the prototxt's base name without _dyve / _deploy."""
     base = os.path.basename(model)
@@ -1373,12 +1360,12 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=KNOBS, seed=1701,
         files["json"] = os.path.join(out_dir, "search.json")
         files["md"] = os.path.join(out_dir, "search.md")
         result["files"] = files
-        _atomic_write(files["deploy"], header + text_format.MessageToString(deploy))
+        dyve_files.write_atomic(files["deploy"], header + text_format.MessageToString(deploy))
         if tv_param is not None:
             tv = _apply_to_param(tv_param, final, "--train-val")
-            _atomic_write(files["train_val"], header + text_format.MessageToString(tv))
-        _atomic_write(files["json"], json.dumps(_jsonable(result), indent=1) + "\n")
-        _atomic_write(files["md"], markdown_summary(result))
+            dyve_files.write_atomic(files["train_val"], header + text_format.MessageToString(tv))
+        dyve_files.write_atomic(files["json"], json.dumps(_jsonable(result), indent=1) + "\n")
+        dyve_files.write_atomic(files["md"], markdown_summary(result))
     return result
 
 

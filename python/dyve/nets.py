@@ -555,11 +555,12 @@ CIFAR10_SCHEDULES = {
     # machine this project is trained on, shared with other jobs. This is the original at
     # a tenth of its length, its last two stages merged: 6,000 iterations at lr 0.001, then
     # 1,000 at 0.0001 (15.6 epochs of the 45,000 training images); momentum, decay, seed,
-    # test/display intervals and HDF5 snapshots as in the full recipe. Measured there with
-    # 2 OpenBLAS threads: 3.3 it/s on average (tests included) over a 4,000-iteration run,
-    # so ~36 minutes, inside the 40-minute budget. That 3,500 + 500 trial reached only
-    # 68.3% top-1 (below cifar10_quick), hence the longer schedule. The lr 1e-5 stage is
-    # dropped: at this length there is nothing left for it to refine.
+    # test/display intervals and HDF5 snapshots as in the full recipe. Chosen from a first
+    # 3,500 + 500 run there (2 OpenBLAS threads): 3.3 it/s on average, tests included,
+    # 20.6 min, but only 68.3% top-1, below cifar10_quick; 7,000 iterations at that rate
+    # fit the 40-minute budget. It took 34.7 min (1.3-5 it/s as the load varied) for 72.7%
+    # (models/cifar10_full.md). The lr 1e-5 stage is dropped: at this length there is
+    # nothing left for it to refine.
     "cifar10_full_short": dict(net="cifar10_full", test_interval=1000, display=200,
                                stages=[(0.001, 6000, 6000, True),
                                        (0.0001, 7000, 7000, True)]),

@@ -993,10 +993,11 @@ def plot_effort(summary, out_png):
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f"{out_png}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        with files.atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # Keys plot_tuning accepts (first found wins).
@@ -1132,10 +1133,11 @@ def plot_tuning(search_json_path, out_png):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f"{out_png}.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        with files.atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return len(pts)
 
 

@@ -32,7 +32,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 
 # Quiet pycaffe's own net-init log (nets imports caffe); the caffe subprocesses get their
@@ -194,17 +193,8 @@ def to_binary_caffemodel(weights, net_prototxt, out):
     caffe.set_mode_cpu()
     net = caffe.Net(os.path.join(REPO_ROOT, net_prototxt), caffe.TRAIN,
                     weights=os.path.join(REPO_ROOT, weights))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".tmp-")
-    os.close(fd)
-    try:
+    with files.atomic_path(out) as tmp:
         net.save(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def remove_snapshots(solvers):

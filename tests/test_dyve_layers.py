@@ -82,6 +82,10 @@ def random_case(rng):
         "sfma": {"enabled": bool(rng.rand() < 0.6), "threshold": float(rng.uniform(0, 0.06)),
                  "spread": str(rng.choice(["RANGE", "STD"]))},
     }
+    # The BOUND gate needs approximate SPET and PER_LAYER; THRESHOLD ignores bound_scale.
+    settings["spet"]["bound_scale"] = float(rng.choice([0.0, 0.25, 1.0]))
+    if settings["spet"]["enabled"] and rng.rand() < 0.5:
+        settings["spet"].update(gate="BOUND", ordering="PER_LAYER")
     return shape, geo, x.astype(np.float32), settings
 
 
@@ -175,6 +179,9 @@ def test_conv_matches_oracle_on_cifar10_activations(tmp_path):
         {"relu": True, "spet": {"enabled": True, "fraction": 0.5, "threshold": 0.0}},
         {"relu": True, "sdss": {"enabled": True, "stride": 2, "threshold": 0.0}},
         {"relu": True, "sfma": {"enabled": True, "threshold": flat_map}},
+        # s = 1 zeroes nothing here (the bound is loose on 16 rest channels of 5x5 taps).
+        {"relu": True, "spet": {"enabled": True, "fraction": 0.5, "gate": "BOUND", "bound_scale": 0.1},
+         "sdss": {"enabled": True, "stride": 2, "threshold": 0.0}},
         {"relu": True, "spet": {"enabled": True, "exact": True, "threshold": -0.1 * scale},
          "sdss": {"enabled": True, "threshold": 0.1 * scale}, "sfma": {"enabled": True, "threshold": flat_map}},
     ]

@@ -199,6 +199,12 @@ def test_python_ip_layer_in_net(tmp_path):
     ("DyveConvolution", {"num_output": 2, "kernel_size": 1, "padding": 1}, (1, 1, 5, 5),
      "unknown DyVE setting 'padding'"),
     ("DyveInnerProduct", {"num_output": 2, "sfma": {"enabled": True}}, (1, 4), "sfma"),
+    ("DyveInnerProduct", {"num_output": 2, "relu": True,
+                          "spet": {"enabled": True, "gate": "BOUND"}}, (1, 4),
+     "spet.gate BOUND is for convolution layers only"),
+    ("DyveConvolution", {"num_output": 2, "kernel_size": 1, "relu": True,
+                         "spet": {"enabled": True, "gate": "BOUND", "ordering": "PER_OUTPUT"}},
+     (1, 2, 5, 5), "spet.gate BOUND needs spet.ordering PER_LAYER"),
 ])
 def test_python_layer_refuses_invalid_setup(tmp_path, layer_class, params, shape, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -294,6 +300,141 @@ def test_spet_order_follows_current_weights():
     top, _ = pylayers.ip_forward(x, np.array([[-3.0, 2.0]]), None, st)    # prefix: input 0
     assert top[0, 0] == 0.0
 
+
+# ---------------------------------------------------------------------------------------
+# The BOUND gate of SPET (convolutions)
+# ---------------------------------------------------------------------------------------
+
+# 2 input channels, 2x2 kernel, 2 outputs, 3x3 input -> 2x2 output; f = 0.5 -> P = 1.
+# Significance: c0 6 + 2 = 8, c1 2 + 1 = 3 -> PER_LAYER order [0, 1]: prefix {c0}, rest {c1}.
+# Pw[o][c1] (sum of the positive weights of c1): o0 1 + 1 = 2, o1 0.5.
+BOUND_W = np.array([[[[-2.0, -1.0], [-1.0, -2.0]], [[1.0, 0.0], [0.0, 1.0]]],
+                    [[[1.0, -1.0], [0.0, 0.0]], [[0.5, 0.0], [0.0, -0.5]]]])
+BOUND_B = np.array([-0.5, 0.0])
+BOUND_X = np.array([[[[1.0, 0.0, 2.0], [0.0, 1.0, 0.0], [3.0, 0.0, 0.0]],
+                     [[1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 5.0, 0.0]]]])
+# Per position (0,0), (0,1), (1,0), (1,1): c1's taps [1,2,0,0], [2,0,0,1], [0,0,0,5],
+# [0,1,5,0], so m[c1] = 2, 2, 5, 5.
+# o0: bias + prefix -4.5, -3.5, -4.5, -2.5; U = 2m = 4, 4, 10, 10; rest 1, 3, 5, 0.
+# o1: bias + prefix  1,   -2,   -1,    1;   U = 0.5m = 1, 1, 2.5, 2.5; rest 0.5, 0.5, -2.5, 0.
+BOUND_DENSE = [[[0.0, 0.0], [0.5, 0.0]], [[1.5, 0.0], [0.0, 1.0]]]    # relu(prefix + rest)
+
+
+def bound_settings(scale=1.0, threshold=0.0, gate="BOUND", **spet):
+    return {"relu": True, "spet": dict({"enabled": True, "fraction": 0.5, "threshold": threshold,
+                                        "gate": gate, "bound_scale": scale}, **spet)}
+
+
+def test_bound_gate_scale_1_is_exact_hand_counted():
+    top, effort = pylayers.conv_forward(BOUND_X, BOUND_W, BOUND_B, {}, bound_settings())
+    # z + U: o0 -0.5 (zeroed), 0.5, 5.5, 7.5; o1 2, -1 (zeroed), 1.5, 3.5.
+    np.testing.assert_array_equal(top[0], BOUND_DENSE)
+    dense, _ = pylayers.conv_forward(BOUND_X, BOUND_W, BOUND_B, {}, RELU)
+    np.testing.assert_array_equal(top, dense)
+    assert effort["spet_zeroed"] == 2
+    assert effort["macs_skipped_spet"] == 2 * 4                  # L - Lp = 4 per zeroed neuron
+    assert effort["macs_executed"] == 8 * 4 + 6 * 4              # prefix of all, rest of 6
+    # Per neuron: 1 multiply-add of U (one rest channel) + the compare; per row (4 positions
+    # of the one image and group): R = 4 compares for the maximum of c1's taps.
+    assert effort["ops_spet"] == 8 * (1 + 1) + 4 * 4
+    assert effort["ops_exact"] == effort["ops_sdss"] == effort["ops_sfma"] == 0
+    check_invariant(effort)
+
+    # The THRESHOLD gate zeroes every o0 (prefix < 0), losing o0 (1, 0) = 0.5, and o1's
+    # (0, 1) and (1, 0); it counts the compares only.
+    top, effort = pylayers.conv_forward(BOUND_X, BOUND_W, BOUND_B, {},
+                                        bound_settings(gate="THRESHOLD"))
+    np.testing.assert_array_equal(top[0], [[[0, 0], [0, 0]], [[1.5, 0], [0, 1]]])
+    assert effort["spet_zeroed"] == 6 and effort["ops_spet"] == 8
+    check_invariant(effort)
+
+
+def test_bound_gate_smaller_scale_zeroes_more():
+    # 1 output, 2x2 input = 2x2 kernel: one position. Prefix c0 (significance 8 > 2).
+    x = np.array([[[[1.0, 1.0], [1.0, 1.0]], [[3.0, 0.0], [0.0, 3.0]]]])
+    W = np.array([[[[-2.0, -2.0], [-2.0, -2.0]], [[1.0, 0.0], [0.0, 1.0]]]])
+    b = np.array([3.5])
+    # bias + prefix = 3.5 - 8 = -4.5; rest = 6 -> dense 1.5; Pw = 2, m = 3 -> U = 6.
+    top, effort = pylayers.conv_forward(x, W, b, {}, bound_settings(1.0))
+    assert top[0, 0, 0, 0] == 1.5                                # -4.5 + 6 = 1.5 >= 0: kept
+    assert effort["spet_zeroed"] == 0 and effort["macs_executed"] == 8
+    assert effort["ops_spet"] == (1 + 1) + 4
+    top, effort = pylayers.conv_forward(x, W, b, {}, bound_settings(0.5))
+    assert top[0, 0, 0, 0] == 0.0                                # -4.5 + 3 = -1.5 < 0: zeroed
+    assert effort["spet_zeroed"] == 1 and effort["macs_skipped_spet"] == 4
+    assert effort["macs_executed"] == 4 and effort["ops_spet"] == (1 + 1) + 4
+    check_invariant(effort)
+    # s = 0 decides as the THRESHOLD gate does (but still counts the bound's work).
+    top, effort = pylayers.conv_forward(x, W, b, {}, bound_settings(0.0))
+    assert top[0, 0, 0, 0] == 0.0 and effort["spet_zeroed"] == 1
+    assert effort["ops_spet"] == (1 + 1) + 4
+    # The bound uses the prefix partial sum, the output the full sum: T is compared with
+    # z + s*U only. T = 1.6 > 1.5 = -4.5 + 6: zeroed at s = 1.
+    top, effort = pylayers.conv_forward(x, W, b, {}, bound_settings(1.0, threshold=1.6))
+    assert top[0, 0, 0, 0] == 0.0 and effort["spet_zeroed"] == 1
+
+
+def test_bound_gate_rows_with_sdss_hand_counted():
+    # 1x1 kernel, 2 channels, 1x5 map, SDSS stride 2 (grid x = 0, 2, 4), T = 0.
+    # W o0 = [2, 1], o1 = [-2, 1]: significance c0 4, c1 2 -> prefix {c0}, rest {c1},
+    # Pw = 1 for both outputs, R = 1 tap per row.
+    x = np.array([[[[0.0, 7.0, 0.0, 7.0, 1.0]], [[0.0, 7.0, 0.0, 7.0, 0.0]]]])
+    W = np.array([[2.0, 1.0], [-2.0, 1.0]]).reshape(2, 2, 1, 1)
+    st = dict(bound_settings(), sdss={"enabled": True, "stride": 2})
+    top, effort = pylayers.conv_forward(x, W, None, {}, st)
+    # Grid: o0 0, 0, 2; o1 0, 0 and x = 4 zeroed (-2 + U 0 < 0).
+    # x = 1: both outputs see neighbours 0, 0 -> filled: no row.
+    # x = 3: o0 sees 0 then 2 -> computed (14 + U 7 >= 0; 21); o1 sees 0, 0 -> filled.
+    np.testing.assert_array_equal(top[0, :, 0], [[0, 0, 0, 21, 2], [0, 0, 0, 0, 0]])
+    assert effort["sdss_filled"] == 3 and effort["macs_skipped_sdss"] == 3 * 2
+    assert effort["spet_zeroed"] == 1 and effort["macs_skipped_spet"] == 1
+    assert effort["macs_executed"] == 7 * 1 + 6 * 1             # 7 computed, 6 not zeroed
+    assert effort["ops_sdss"] == 4 * 2 + 3 * 2                   # compares + MEAN fills
+    # 7 computed neurons * (1 U term + 1 compare) + 4 rows (x = 0, 2, 4, 3) * R = 1.
+    assert effort["ops_spet"] == 7 * 2 + 4 * 1
+    check_invariant(effort)
+    _, effort = pylayers.conv_forward(x, W, None, {},
+                                      dict(st, spet=dict(st["spet"], gate="THRESHOLD")))
+    assert effort["ops_spet"] == 7
+
+
+def test_bound_gate_empty_rest():
+    # As in test_bound_gate_smaller_scale_zeroes_more, but the rest channel c1 is a constant
+    # map (SFMA): U = 0 and R = 0. bias + SFMA term + prefix = 3.5 + 3 * 2 - 8 = 1.5.
+    x = np.array([[[[2.0, 0.0], [1.0, 1.0]], [[3.0, 3.0], [3.0, 3.0]]]])
+    W = np.array([[[[-2.0, -2.0], [-2.0, -2.0]], [[1.0, 0.0], [0.0, 1.0]]]])
+    st = dict(bound_settings(), sfma={"enabled": True})
+    top, effort = pylayers.conv_forward(x, W, np.array([3.5]), {}, st)
+    assert top[0, 0, 0, 0] == 1.5
+    assert effort["ops_spet"] == 1 and effort["sfma_maps"] == 1
+    check_invariant(effort)
+    # f = 1: no rest at all; the gate sees the full sum (5 of the 8 are negative).
+    st = bound_settings(fraction=1.0)
+    top, effort = pylayers.conv_forward(BOUND_X, BOUND_W, BOUND_B, {}, st)
+    np.testing.assert_array_equal(top[0], BOUND_DENSE)
+    assert effort["ops_spet"] == 8
+    assert effort["spet_zeroed"] == 5 and effort["macs_skipped_spet"] == 0
+
+
+@pytest.mark.parametrize("geo", CONV_CASES)
+def test_bound_gate_scale_1_never_changes_an_output(geo):
+    """Non-negative inputs, s = 1, T = 0: the output is the dense ReLU convolution."""
+    rng = np.random.RandomState(9)
+    x = np.maximum(rng.standard_normal(geo["shape"]), 0)
+    c_g = geo["shape"][1] // geo["group"]
+    W = rng.standard_normal((geo["out"], c_g) + geo["kernel"])
+    b = rng.standard_normal(geo["out"]) - 1.0 if geo["bias"] else None
+    top, effort = pylayers.conv_forward(x, W, b, oracle_geometry(geo),
+                                        bound_settings(fraction=0.5))
+    dense, _ = pylayers.conv_forward(x, W, b, oracle_geometry(geo), RELU)
+    np.testing.assert_allclose(top, dense, atol=1e-12)
+    assert effort["spet_zeroed"] > 0
+    # Without SDSS every position of every image and group is a row.
+    kk = geo["kernel"][0] * geo["kernel"][1]
+    n_rest = c_g - pylayers.prefix_size(0.5, c_g)
+    rows = geo["shape"][0] * geo["group"] * top.shape[2] * top.shape[3]
+    assert effort["ops_spet"] == top.size * (1 + n_rest) + rows * n_rest * kk
+    check_invariant(effort)
 
 # ---------------------------------------------------------------------------------------
 # Exact mode
@@ -507,7 +648,8 @@ def test_settings_defaults_and_round_trip():
     normalized = settings.normalize(given)
     assert normalized["spet"] == {"enabled": True, "fraction": 1.0, "threshold": 0.0,
                                   "ordering": "PER_OUTPUT", "exact": False,
-                                  "check_interval": 16}
+                                  "check_interval": 16, "gate": "THRESHOLD",
+                                  "bound_scale": 1.0}
     assert normalized["sdss"] == settings.DEFAULTS["sdss"]
     assert settings.normalize(normalized) == normalized
     assert settings.from_param_str(settings.to_json(given)) == normalized
@@ -533,6 +675,14 @@ def test_settings_defaults_and_round_trip():
     ({"speed": 1}, "unknown DyVE setting 'speed'"),
     ({"spet": {"frac": 0.5}}, "unknown DyVE setting 'spet.frac'"),
     ({"spet": 0.5}, "spet must be an object"),
+    ({"spet": {"gate": "bound"}}, "spet.gate must be one of THRESHOLD, BOUND"),
+    ({"spet": {"bound_scale": -0.5}}, "spet.bound_scale must be finite and >= 0, got -0.5"),
+    ({"spet": {"bound_scale": "1"}}, "spet.bound_scale must be a number"),
+    ({"relu": True, "spet": {"gate": "BOUND"}}, "spet.gate BOUND needs spet.enabled"),
+    ({"relu": True, "spet": {"gate": "BOUND", "exact": True}},
+     "spet.gate BOUND needs spet.enabled"),
+    ({"relu": True, "spet": {"enabled": True, "gate": "BOUND", "ordering": "PER_OUTPUT"}},
+     "spet.gate BOUND needs spet.ordering PER_LAYER"),
 ])
 def test_settings_reject_invalid(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -549,3 +699,5 @@ def test_ip_refuses_feature_knobs():
         with pytest.raises(ValueError, match=f"{knob} is for convolution layers only"):
             pylayers.ip_forward(np.ones((1, 3)), np.ones((2, 3)), None,
                                 {"relu": True, knob: {"enabled": True}})
+    with pytest.raises(ValueError, match="spet.gate BOUND is for convolution layers only"):
+        pylayers.ip_forward(np.ones((1, 3)), np.ones((2, 3)), None, bound_settings())

@@ -123,7 +123,8 @@ def tiny(tmp_path_factory):
 
 
 def run(tiny, out, **kwargs):
-    args = dict(mean=MEAN, budget=0.0, batch=50, progress=False, out_dir=str(out))
+    args = dict(mean=MEAN, budget=0.0, batch=50, progress=False, out_dir=str(out),
+                knobs=tune.KNOBS)  # exact mode included: the floor is tested too
     args.update(kwargs)
     return tune.tune(tiny["model"], tiny["weights"], tiny["calib"], **args)
 
@@ -204,13 +205,13 @@ def test_free_layer_goes_all_the_way_and_sensitive_layer_stays_off(tuned):
             continue
         best = min(runs, key=lambda e: (e["ops"], e["level"]))
         want = levels[knob][best["level"]]["set"]
-        if knob in final["conv3"]:
+        # (the exact floor alone puts a "spet" entry in conv3's settings)
+        if knob in final["conv3"] and (knob != "spet" or final["conv3"]["spet"].get("enabled")):
             got = {k: v for k, v in final["conv3"][knob].items() if k in want}
             assert got == want, (knob, got, want)
         else:
             assert refused.get(knob) == "no ops saved", (knob, refused)
-    assert "spet" in final["conv3"] and final["conv3"]["spet"].get("enabled")
-    assert "sdss" in final["conv3"]
+    assert "sdss" in final["conv3"] and "sfma" in final["conv3"]
     # the final setting changes no prediction (search and holdout)
     assert result["holdout"]["passed"] is True
     assert result["summary"]["holdout"]["n_rw"] == 0

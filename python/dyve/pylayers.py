@@ -177,13 +177,20 @@ def _neuron_plan(w, order, n_prefix, constant, kk, spet):
 
     w: the output's flat weights [C_g * KK]; order: its channel order; constant: bool per
     channel (SFMA maps, never evaluated). Returns a dict with 'prefix' (None without
-    approximate SPET), 'rest', and in exact mode 'pos' and 'neg_chunks'.
+    approximate SPET), 'rest', with the BOUND gate 'bound' (per live rest channel, its taps
+    and Pw = the sum of its positive weights), and in exact mode 'pos' and 'neg_chunks'.
     """
     live = [c for c in order if not constant[c]]
     if spet["enabled"]:
         prefix_channels = set(order[:n_prefix])
+        rest_channels = [c for c in live if c not in prefix_channels]
         plan = {"prefix": _taps([c for c in live if c in prefix_channels], kk),
-                "rest": _taps([c for c in live if c not in prefix_channels], kk)}
+                "rest": _taps(rest_channels, kk)}
+        if spet["gate"] == "BOUND":
+            plan["bound"] = []
+            for c in rest_channels:
+                taps = _taps([c], kk)
+                plan["bound"].append((taps, float(np.maximum(w[taps], 0).sum())))
     else:
         plan = {"prefix": None, "rest": _taps(live, kk)}
     if spet["exact"]:
@@ -205,7 +212,16 @@ def _evaluate_neuron(xcol, w, plan, z, st, effort):
         z += float(np.dot(xcol[prefix], w[prefix]))
         effort["macs_executed"] += len(prefix)
         effort["ops_spet"] += 1
-        if z < _as_float32(spet["threshold"]):
+        z_gate = z
+        if spet["gate"] == "BOUND":
+            # U = sum over the live rest channels of Pw * (max of the channel's taps here):
+            # with inputs >= 0 the rest adds at most U (docs/knobs.md, The BOUND gate).
+            bound = 0.0
+            for taps, positive_weight in plan["bound"]:
+                bound += positive_weight * float(xcol[taps].max())
+            effort["ops_spet"] += len(plan["bound"])
+            z_gate = z + _as_float32(spet["bound_scale"]) * bound
+        if z_gate < _as_float32(spet["threshold"]):
             effort["spet_zeroed"] += 1
             effort["macs_skipped_spet"] += len(plan["rest"])
             return 0.0
@@ -370,6 +386,7 @@ def conv_forward(x, W, b, geometry, settings):
             n_const = int(const_g.sum())
             if n_const:
                 effort["ops_sfma"] += o_g * (n_const * kk + kk)
+            rows = set()            # positions of this image and group with a computed neuron
             for o_local in range(o_g):
                 o = g * o_g + o_local
                 w = W[o].reshape(fan_in)
@@ -380,6 +397,7 @@ def conv_forward(x, W, b, geometry, settings):
 
                 # Called only within this iteration, so the closure sees this o's values.
                 def compute(y, x_):
+                    rows.add((y, x_))
                     z = bias
                     if n_const:
                         (ky0, ky1), (kx0, kx1) = row_taps[y], col_taps[x_]
@@ -390,6 +408,10 @@ def conv_forward(x, W, b, geometry, settings):
                     return _evaluate_neuron(patches[y, x_], w, plan, z, st, effort)
 
                 top[n, o] = _output_map(compute, out_h, out_w, st["sdss"], fan_in, effort)
+            if st["spet"]["enabled"] and st["spet"]["gate"] == "BOUND":
+                # Per row, the maxima of the live rest channels: R = their taps (L - Lp).
+                # PER_LAYER: every output of the group has the same rest (the last plan's).
+                effort["ops_spet"] += len(rows) * len(plan["rest"])
     return top, effort
 
 
@@ -401,6 +423,8 @@ def _check_ip_settings(st):
     for knob in ("sdss", "sfma"):
         if st[knob]["enabled"]:
             raise ValueError(f"{knob} is for convolution layers only")
+    if st["spet"]["gate"] == "BOUND":
+        raise ValueError("spet.gate BOUND is for convolution layers only")
 
 
 def ip_forward(x, W, b, settings, transpose=False):

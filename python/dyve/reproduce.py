@@ -114,8 +114,8 @@ def main(argv=None):
                                                                   "imagenet-sample-dev"),
                         help="photos for the no-weights timing (default: the shared sample)")
     parser.add_argument("--budget", type=float, default=0.5, help="top-1 budget in points (default 0.5)")
-    parser.add_argument("--knobs", type=tune._knob_list, default=tune.KNOBS,
-                        help="knobs the tuner may use (default: all)")
+    parser.add_argument("--knobs", type=tune._knob_list, default=tune.DEFAULT_KNOBS,
+                        help="knobs the tuner may use (default: spet,sdss,sfma)")
     parser.add_argument("--seed", type=int, default=1701)
     parser.add_argument("--calib-images", type=int, help="at most this many calibration images")
     parser.add_argument("--test-images", type=int, help="at most this many test images (default all)")

@@ -14,13 +14,14 @@ import math
 DEFAULTS = {
     "relu": False,
     "spet": {"enabled": False, "fraction": 0.5, "threshold": 0.0, "ordering": "PER_LAYER",
-             "exact": False, "check_interval": 16},
+             "exact": False, "check_interval": 16, "gate": "THRESHOLD", "bound_scale": 1.0},
     "sdss": {"enabled": False, "stride": 2, "threshold": 0.0, "fill": "MEAN"},
     "sfma": {"enabled": False, "threshold": 0.0, "spread": "RANGE"},
 }
 
 ENUMS = {
     "spet.ordering": ("PER_LAYER", "PER_OUTPUT"),
+    "spet.gate": ("THRESHOLD", "BOUND"),
     "sdss.fill": ("MEAN", "ZERO"),
     "sfma.spread": ("RANGE", "STD"),
 }
@@ -80,6 +81,17 @@ def normalize(settings):
         raise ValueError(f"spet.fraction must be in (0, 1], got {spet['fraction']:g}")
     if spet["check_interval"] < 1:
         raise ValueError(f"spet.check_interval must be >= 1, got {spet['check_interval']}")
+    if not 0 <= spet["bound_scale"] < math.inf:
+        raise ValueError(f"spet.bound_scale must be finite and >= 0, got "
+                         f"{spet['bound_scale']:g}")
+    # The BOUND gate refines approximate SPET with one channel order per group
+    # (docs/knobs.md, The BOUND gate of SPET); the layer refuses it on an inner product.
+    if spet["gate"] == "BOUND":
+        if not spet["enabled"]:
+            raise ValueError("spet.gate BOUND needs spet.enabled true")
+        if spet["ordering"] != "PER_LAYER":
+            raise ValueError(f"spet.gate BOUND needs spet.ordering PER_LAYER, "
+                             f"got {spet['ordering']}")
     if sdss["stride"] < 1:
         raise ValueError(f"sdss.stride must be >= 1, got {sdss['stride']}")
     if sdss["threshold"] < 0:

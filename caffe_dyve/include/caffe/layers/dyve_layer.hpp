@@ -90,12 +90,21 @@ class DyveNeuronPlan {
   /// it holds the outputs (after ReLU when param.relu()).
   void EvaluateRows(const Dtype* rows, int num_rows, Dtype* z,
       DyveEffort* effort) const;
-  /// Evaluates neuron o on one row, starting from z_init.
-  Dtype EvaluateNeuron(const Dtype* row, int o, Dtype z_init,
-      DyveEffort* effort) const;
+  /// True when SPET's BOUND gate needs the rest channels' maxima of a row.
+  bool uses_bound() const { return bound_; }
+  /// Length of the vector RowMaxima writes (live rest channels).
+  int rest_channels() const { return rest_channels_; }
+  /// The maximum of each live rest channel's taps in one row (BOUND gate).
+  void RowMaxima(const Dtype* row, Dtype* maxima, DyveEffort* effort) const;
+  /// Evaluates neuron o on one row, starting from z_init; `maxima` comes from
+  /// RowMaxima for the BOUND gate (else unused, may be NULL).
+  Dtype EvaluateNeuron(const Dtype* row, const Dtype* maxima, int o,
+      Dtype z_init, DyveEffort* effort) const;
 
  private:
-  Dtype Finish(const Dtype* row, int o, Dtype z, DyveEffort* effort) const;
+  /// Finishes neuron o after its prefix sum z; `bound` is the BOUND gate's U.
+  Dtype Finish(const Dtype* row, int o, Dtype z, Dtype bound,
+      DyveEffort* effort) const;
 
   DyveParameter param_;
   int num_output_, channels_, taps_;
@@ -107,6 +116,12 @@ class DyveNeuronPlan {
   int row_length_;
   int prefix_length_;                  // PER_LAYER: leading taps of a row
   std::vector<Dtype> row_weights_;     // O x row_length_, row order
+  // BOUND gate: per output, the sum of the positive taps of each live rest
+  // channel (O x rest_channels_).
+  bool bound_;
+  int rest_channels_;
+  std::vector<Dtype> rest_positive_;
+  mutable std::vector<Dtype> maxima_, bounds_;  // scratch of EvaluateRows
   // PER_OUTPUT: per neuron, the prefix and the rest as row indices, with
   // their weights in the same order.
   std::vector<std::vector<int> > prefix_index_, rest_index_;

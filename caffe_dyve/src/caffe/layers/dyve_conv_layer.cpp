@@ -101,6 +101,19 @@ void DyveConvolutionLayer<Dtype>::GatherRow(const Dtype* group_input,
   const int taps = kernel[0] * kernel[1];
   if (top >= 0 && top + (kernel[0] - 1) * dilation[0] < height &&
       left >= 0 && left + (kernel[1] - 1) * dilation[1] < width) {
+    if (dilation[1] == 1) {
+      // Every tap inside the map, kernel rows contiguous: one copy per row.
+      for (int k = 0; k < channels.size(); ++k) {
+        const Dtype* base =
+            group_input + channels[k] * height * width + top * width + left;
+        for (int kh = 0; kh < kernel[0]; ++kh) {
+          const Dtype* src = base + kh * dilation[0] * width;
+          std::copy(src, src + kernel[1], row);
+          row += kernel[1];
+        }
+      }
+      return;
+    }
     // Every tap inside the map: one table of offsets, no bounds checks.
     const int* offset = tap_offset_.data();
     for (int k = 0; k < channels.size(); ++k) {
@@ -279,6 +292,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
     const bool fill_mean =
         dyve_param_.sdss().fill() == DyveSdssParameter_Fill_MEAN;
     std::vector<Dtype> row(std::max(1, row_length));
+    std::vector<Dtype> maxima(std::max(1, plan->rest_channels()));
     for (int p = 0; p < positions; ++p) {
       const int y = p / out_width, x = p % out_width;
       if (y % sample == 0 && x % sample == 0) continue;
@@ -310,10 +324,13 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
         }
         if (!gathered) {
           GatherRow(group_input, plan->row_channels(), p, row.data());
+          if (plan->uses_bound()) {
+            plan->RowMaxima(row.data(), maxima.data(), &effort_);
+          }
           gathered = true;
         }
-        group_output[o * positions + p] =
-            plan->EvaluateNeuron(row.data(), o, initial(o, p), &effort_);
+        group_output[o * positions + p] = plan->EvaluateNeuron(row.data(),
+            maxima.data(), o, initial(o, p), &effort_);
       }
     }
   }

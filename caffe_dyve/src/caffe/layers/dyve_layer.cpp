@@ -73,6 +73,19 @@ std::string ValidateDyveParameter(const DyveParameter& param,
           << "exact mode predict ReLU saturation, so set dyve_param.relu: true";
   } else if (!std::isfinite(spet.threshold())) {
     error << where << "dyve_param.spet.threshold must be finite";
+  } else if (!(spet.bound_scale() >= 0) || !std::isfinite(spet.bound_scale())) {
+    error << where << "dyve_param.spet.bound_scale must be finite and >= 0, got "
+          << spet.bound_scale();
+  } else if (spet.gate() == DyveSpetParameter_Gate_BOUND && !spet.enabled()) {
+    error << where << "dyve_param.spet.gate BOUND gates approximate SPET, so "
+          << "it needs dyve_param.spet.enabled: true";
+  } else if (spet.gate() == DyveSpetParameter_Gate_BOUND &&
+             spet.ordering() != DyveSpetParameter_Ordering_PER_LAYER) {
+    error << where << "dyve_param.spet.gate BOUND needs "
+          << "dyve_param.spet.ordering PER_LAYER";
+  } else if (spet.gate() == DyveSpetParameter_Gate_BOUND && !is_convolution) {
+    error << where << "dyve_param.spet.gate BOUND applies to convolutions only "
+          << "(an inner product's bound would cost as much as its rest)";
   } else if (!is_convolution && param.sdss().enabled()) {
     error << where << "dyve_param.sdss applies to convolutions only";
   } else if (!is_convolution && param.sfma().enabled()) {
@@ -208,6 +221,19 @@ void DyveNeuronPlan<Dtype>::Build(const DyveParameter& param,
       std::copy(w, w + taps_, &row_weights_[o * row_length_ + k * taps_]);
     }
   }
+  bound_ = spet && !per_output &&
+      param.spet().gate() == DyveSpetParameter_Gate_BOUND;
+  rest_channels_ = bound_ ? row_channels_.size() - live_prefix_channels : 0;
+  rest_positive_.assign(num_output_ * rest_channels_, Dtype(0));
+  for (int o = 0; o < num_output_; ++o) {
+    for (int j = 0; j < rest_channels_; ++j) {
+      const Dtype* w = &row_weights_[o * row_length_ + prefix_length_ +
+          j * taps_];
+      Dtype positive = 0;
+      for (int t = 0; t < taps_; ++t) positive += std::max(w[t], Dtype(0));
+      rest_positive_[o * rest_channels_ + j] = positive;
+    }
+  }
   prefix_index_.assign(per_output ? num_output_ : 0, std::vector<int>());
   rest_index_.assign(per_output ? num_output_ : 0, std::vector<int>());
   prefix_weight_.assign(prefix_index_.size(), std::vector<Dtype>());
@@ -288,10 +314,26 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
     }
     effort->macs_executed +=
         static_cast<uint64_t>(num_rows) * num_output_ * prefix_length_;
+    // BOUND gate: the rows' rest maxima, then every neuron's bound as one
+    // small GEMM (rest channels instead of rest taps per neuron).
+    bounds_.assign(bound_ ? num_rows * num_output_ : 0, Dtype(0));
+    if (bound_ && rest_channels_ > 0) {
+      maxima_.resize(num_rows * rest_channels_);
+      for (int r = 0; r < num_rows; ++r) {
+        RowMaxima(rows + r * row_length_, &maxima_[r * rest_channels_],
+            effort);
+      }
+      GemmRowsByWeights(num_rows, num_output_, rest_channels_, maxima_.data(),
+          rest_channels_, rest_positive_.data(), rest_channels_,
+          bounds_.data());
+      effort->ops_spet +=
+          static_cast<uint64_t>(num_rows) * num_output_ * rest_channels_;
+    }
     for (int r = 0; r < num_rows; ++r) {
       for (int o = 0; o < num_output_; ++o) {
         Dtype* value = z + r * num_output_ + o;
-        *value = Finish(rows + r * row_length_, o, *value, effort);
+        *value = Finish(rows + r * row_length_, o, *value,
+            bound_ ? bounds_[r * num_output_ + o] : Dtype(0), effort);
       }
     }
     return;
@@ -299,14 +341,25 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
   for (int r = 0; r < num_rows; ++r) {
     for (int o = 0; o < num_output_; ++o) {
       Dtype* value = z + r * num_output_ + o;
-      *value = EvaluateNeuron(rows + r * row_length_, o, *value, effort);
+      *value = EvaluateNeuron(rows + r * row_length_, NULL, o, *value, effort);
     }
   }
 }
 
 template <typename Dtype>
-Dtype DyveNeuronPlan<Dtype>::EvaluateNeuron(const Dtype* row, int o,
-    Dtype z, DyveEffort* effort) const {
+void DyveNeuronPlan<Dtype>::RowMaxima(const Dtype* row, Dtype* maxima,
+    DyveEffort* effort) const {
+  const Dtype* rest = row + prefix_length_;
+  for (int j = 0; j < rest_channels_; ++j) {
+    const Dtype* taps = rest + j * taps_;
+    maxima[j] = *std::max_element(taps, taps + taps_);
+  }
+  effort->ops_spet += static_cast<uint64_t>(rest_channels_) * taps_;
+}
+
+template <typename Dtype>
+Dtype DyveNeuronPlan<Dtype>::EvaluateNeuron(const Dtype* row,
+    const Dtype* maxima, int o, Dtype z, DyveEffort* effort) const {
   if (param_.spet().enabled()) {
     if (prefix_index_.empty()) {
       if (prefix_length_ > 0) {
@@ -319,18 +372,26 @@ Dtype DyveNeuronPlan<Dtype>::EvaluateNeuron(const Dtype* row, int o,
       effort->macs_executed += w.size();
     }
   }
-  return Finish(row, o, z, effort);
+  Dtype bound = 0;
+  if (bound_ && rest_channels_ > 0) {
+    const Dtype* positive = &rest_positive_[o * rest_channels_];
+    for (int j = 0; j < rest_channels_; ++j) bound += positive[j] * maxima[j];
+    effort->ops_spet += rest_channels_;
+  }
+  return Finish(row, o, z, bound, effort);
 }
 
 template <typename Dtype>
 Dtype DyveNeuronPlan<Dtype>::Finish(const Dtype* row, int o, Dtype z,
-    DyveEffort* effort) const {
+    Dtype bound, DyveEffort* effort) const {
   const Dtype* w = &row_weights_[o * row_length_];
   if (param_.spet().enabled()) {
     const int prefix =
         prefix_index_.empty() ? prefix_length_ : prefix_index_[o].size();
     effort->ops_spet += 1;
-    if (z < param_.spet().threshold()) {
+    const Dtype gate = bound_ ? z + Dtype(param_.spet().bound_scale()) * bound
+                              : z;
+    if (gate < param_.spet().threshold()) {
       effort->spet_zeroed += 1;
       effort->macs_skipped_spet += row_length_ - prefix;
       return Dtype(0);

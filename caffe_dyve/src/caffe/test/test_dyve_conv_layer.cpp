@@ -118,6 +118,39 @@ class DyveConvolutionLayerTest : public MultiDeviceTest<TypeParam> {
     return sum;
   }
 
+  // What the BOUND gate adds for neuron (n, o, y, x): per channel, its
+  // positive weights' sum times the largest input under its taps (0 for a
+  // tap in the padding).
+  Dtype RestBound(const ConvShape& s, const Dtype* weights, int n, int o,
+      int y, int x, const std::vector<int>& channels) {
+    const int group_channels = s.channels / s.group;
+    const int g = o / (s.outputs / s.group);
+    Dtype bound = 0;
+    for (int k = 0; k < channels.size(); ++k) {
+      const int c = channels[k];
+      Dtype positive = 0, largest = 0;
+      bool any_padding = false, any_inside = false;
+      for (int kh = 0; kh < s.kernel_h; ++kh) {
+        for (int kw = 0; kw < s.kernel_w; ++kw) {
+          positive += std::max(Dtype(0), weights[((o * group_channels + c) *
+              s.kernel_h + kh) * s.kernel_w + kw]);
+          const int ih = y * s.stride - s.pad + kh * s.dilation;
+          const int iw = x * s.stride - s.pad + kw * s.dilation;
+          if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) {
+            any_padding = true;
+            continue;
+          }
+          const Dtype v = bottom_->data_at(n, g * group_channels + c, ih, iw);
+          largest = any_inside ? std::max(largest, v) : v;
+          any_inside = true;
+        }
+      }
+      if (any_padding) largest = std::max(largest, Dtype(0));
+      bound += positive * largest;
+    }
+    return bound;
+  }
+
   static void ExpectBalanced(const DyveEffort& e) {
     EXPECT_EQ(e.macs_dense, e.macs_executed + e.macs_skipped_spet +
         e.macs_skipped_exact + e.macs_skipped_sdss + e.macs_skipped_sfma);
@@ -309,6 +342,103 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSpetZeroesExactlyBelowThreshold) {
     EXPECT_EQ(e.ops_spet, this->top_->count());
     this->ExpectBalanced(e);
   }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSpetBoundGateByHand) {
+  typedef typename TypeParam::Dtype Dtype;
+  const std::vector<ConvShape> shapes = TestShapes();
+  const float scales[] = {1.f, 0.25f};
+  uint64_t zeroed_at_one = 0;
+  for (int i = 0; i < shapes.size(); ++i) {
+    for (int si = 0; si < 2; ++si) {
+      const ConvShape& s = shapes[i];
+      const float scale = scales[si];
+      this->FillBottom(s, 0, 1);  // after a ReLU: the bound is a bound
+      LayerParameter param = this->ConvParam(s);
+      param.mutable_dyve_param()->set_relu(true);
+      DyveSpetParameter* spet = param.mutable_dyve_param()->mutable_spet();
+      spet->set_enabled(true);
+      spet->set_fraction(0.5);
+      spet->set_gate(DyveSpetParameter_Gate_BOUND);
+      spet->set_bound_scale(scale);
+      DyveConvolutionLayer<Dtype> layer(param);
+      layer.SetUp(this->bottom_vec_, this->top_vec_);
+      FillerParameter filler_param;
+      filler_param.set_std(0.5);
+      GaussianFiller<Dtype> filler(filler_param);
+      filler.Fill(layer.blobs()[0].get());
+      layer.Forward(this->bottom_vec_, this->top_vec_);
+      if (scale == 1.f) {
+        // Scale 1, threshold 0: zeroes only surely negative neurons.
+        this->RunStock(s, &layer, true);
+        this->ExpectTopsNear(1e-5);
+      }
+      const int group_channels = s.channels / s.group;
+      const int group_outputs = s.outputs / s.group;
+      const int prefix = (group_channels + 1) / 2;  // ceil(0.5 * C)
+      const int rest = group_channels - prefix;
+      const Dtype* w = layer.blobs()[0]->cpu_data();
+      const int taps = s.kernel_h * s.kernel_w;
+      const int out_h = this->top_->height(), out_w = this->top_->width();
+      uint64_t zeroed = 0, ties = 0;
+      for (int g = 0; g < s.group; ++g) {
+        std::vector<std::pair<double, int> > significance;
+        for (int c = 0; c < group_channels; ++c) {
+          double total = 0;
+          for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
+            for (int t = 0; t < taps; ++t) {
+              total += std::fabs(w[(o * group_channels + c) * taps + t]);
+            }
+          }
+          significance.push_back(std::make_pair(-total, c));
+        }
+        std::sort(significance.begin(), significance.end());
+        std::vector<int> head, tail;
+        for (int k = 0; k < group_channels; ++k) {
+          (k < prefix ? head : tail).push_back(significance[k].second);
+        }
+        for (int n = 0; n < s.num; ++n) {
+          for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
+            const Dtype b = s.bias ? layer.blobs()[1]->cpu_data()[o] : Dtype(0);
+            for (int y = 0; y < out_h; ++y) {
+              for (int x = 0; x < out_w; ++x) {
+                const Dtype partial =
+                    b + this->NeuronSum(s, w, n, o, y, x, head);
+                const Dtype gate = partial +
+                    scale * this->RestBound(s, w, n, o, y, x, tail);
+                const Dtype got = this->top_->data_at(n, o, y, x);
+                if (std::fabs(gate) < 1e-5) {
+                  ++ties;
+                  zeroed += (got == 0);
+                  continue;
+                }
+                if (gate < 0) {
+                  EXPECT_EQ(got, 0) << "shape " << i;
+                  ++zeroed;
+                } else {
+                  const Dtype full = b + this->NeuronSum(s, w, n, o, y, x,
+                      head) + this->NeuronSum(s, w, n, o, y, x, tail);
+                  EXPECT_NEAR(got, std::max(full, Dtype(0)), 1e-4);
+                }
+              }
+            }
+          }
+        }
+      }
+      const DyveEffort& e = layer.effort();
+      if (ties == 0) EXPECT_LE(e.spet_zeroed, zeroed);
+      EXPECT_GE(e.spet_zeroed + ties, zeroed);
+      if (scale == 1.f) zeroed_at_one += e.spet_zeroed;
+      // Per row the rest's maxima, per neuron its bound and the compare.
+      const uint64_t rows = static_cast<uint64_t>(s.num) * s.group *
+          out_h * out_w;
+      EXPECT_EQ(e.ops_spet, rows * rest * taps +
+          static_cast<uint64_t>(this->top_->count()) * (rest + 1));
+      EXPECT_EQ(e.macs_skipped_spet, e.spet_zeroed * rest * taps);
+      this->ExpectBalanced(e);
+    }
+  }
+  EXPECT_GT(zeroed_at_one, 0);  // the exact gate does skip work
 }
 
 TYPED_TEST(DyveConvolutionLayerTest, TestSdssHandMade) {
@@ -557,6 +687,11 @@ TYPED_TEST(DyveConvolutionLayerTest, TestInvalidSettingsNameLayerAndField) {
     {"sfma { enabled: true threshold: -1 }", "sfma.threshold"},
     {"relu: true spet { exact: true check_interval: 0 }",
      "spet.check_interval"},
+    {"relu: true spet { gate: BOUND }", "spet.gate"},
+    {"relu: true spet { enabled: true gate: BOUND ordering: PER_OUTPUT }",
+     "spet.ordering"},
+    {"relu: true spet { enabled: true gate: BOUND bound_scale: -1 }",
+     "spet.bound_scale"},
   };
   for (int i = 0; i < sizeof(cases) / sizeof(cases[0]); ++i) {
     DyveParameter bad;

@@ -187,6 +187,12 @@ TYPED_TEST(DyveInnerProductLayerTest, TestRefusesConvolutionKnobs) {
   no_relu.mutable_spet()->set_enabled(true);
   EXPECT_NE(layer.SetDyveParam(no_relu).find("dyve_param.relu: true"),
       std::string::npos);
+  DyveParameter bound;
+  bound.set_relu(true);
+  bound.mutable_spet()->set_enabled(true);
+  bound.mutable_spet()->set_gate(DyveSpetParameter_Gate_BOUND);
+  EXPECT_NE(layer.SetDyveParam(bound).find("'dyve_fc': dyve_param.spet.gate"),
+      std::string::npos);
 }
 
 }  // namespace caffe

@@ -55,20 +55,27 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
       const vector<bool>& propagate_down, const vector<Blob<Dtype>*>& bottom);
 
  private:
+  /// Rows gathered and evaluated per pass (about 100 KB for 5x5x64 taps).
+  static const int kRowsPerPass = 64;
+  /// Room past a gathered row or the padded maps for 4-wide copies.
+  static const int kSlack = 4;
   /// Error for settings that conflict with the current shapes, or "".
   std::string CheckShapes(const DyveParameter& param) const;
   void RefreshWeightState();
   void ForwardImage(const Dtype* input, Dtype* output);
-  /// Gathers the row of output position p for the live channels of a group.
-  void GatherRow(const Dtype* group_input, const std::vector<int>& channels,
-      int p, Dtype* row) const;
+  /// Copies one group's input maps into padded_, zero padding included, so
+  /// that gathering needs no bounds checks.
+  void PadInput(const Dtype* group_input, int group_channels);
+  /// Gathers the row of output position p for the live channels of the group
+  /// in padded_ (may write kSlack values past the row).
+  void GatherRow(const std::vector<int>& channels, int p, Dtype* row) const;
 
   DyveParameter dyve_param_;
   DyveEffort effort_;
   uint64_t weights_version_;
   bool state_stale_;
   std::vector<DyveNeuronPlan<Dtype> > plans_;  // per group, no SFMA maps
-  std::vector<Dtype> rows_, z_, sfma_table_;
+  std::vector<Dtype> rows_, z_, sfma_table_, padded_;
   std::vector<int> tap_offset_;  // input offset of each tap, row-major taps
 };
 

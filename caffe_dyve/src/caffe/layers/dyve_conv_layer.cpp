@@ -5,6 +5,10 @@
 
 #include "caffe/layers/dyve_conv_layer.hpp"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace caffe {
 
 template <typename Dtype>
@@ -41,7 +45,8 @@ void DyveConvolutionLayer<Dtype>::Reshape(const vector<Blob<Dtype>*>& bottom,
   const std::string error = CheckShapes(dyve_param_);
   CHECK(error.empty()) << error;
   if (this->num_spatial_axes_ == 2) {
-    const int width = this->conv_input_shape_.cpu_data()[2];
+    const int width = this->conv_input_shape_.cpu_data()[2] +
+        2 * this->pad_.cpu_data()[1];  // of the zero-padded copy
     const int* kernel = this->kernel_shape_.cpu_data();
     const int* dilation = this->dilation_.cpu_data();
     tap_offset_.clear();
@@ -87,54 +92,72 @@ void DyveConvolutionLayer<Dtype>::RefreshWeightState() {
   state_stale_ = false;
 }
 
+namespace {
+
+// Copies a run of n values 4 at a time: it may read and write up to 3 values
+// past the run (callers leave that slack; the next run overwrites them).
+// Kernel rows are short (3, 5, 7, 11), where a memcpy call costs more.
+inline void CopyRun(const float* src, float* dst, int n) {
+#if defined(__SSE2__)
+  for (int i = 0; i < n; i += 4) _mm_storeu_ps(dst + i, _mm_loadu_ps(src + i));
+#else
+  for (int i = 0; i < n; ++i) dst[i] = src[i];
+#endif
+}
+inline void CopyRun(const double* src, double* dst, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+}  // namespace
+
 template <typename Dtype>
-void DyveConvolutionLayer<Dtype>::GatherRow(const Dtype* group_input,
-    const std::vector<int>& channels, int p, Dtype* row) const {
+void DyveConvolutionLayer<Dtype>::PadInput(const Dtype* group_input,
+    int group_channels) {
   const int height = this->conv_input_shape_.cpu_data()[1];
   const int width = this->conv_input_shape_.cpu_data()[2];
+  const int* pad = this->pad_.cpu_data();
+  const int padded_height = height + 2 * pad[0];
+  const int padded_width = width + 2 * pad[1];
+  padded_.assign(group_channels * padded_height * padded_width + kSlack,
+      Dtype(0));
+  for (int c = 0; c < group_channels; ++c) {
+    for (int h = 0; h < height; ++h) {
+      const Dtype* src = group_input + (c * height + h) * width;
+      std::copy(src, src + width, &padded_[(c * padded_height + h + pad[0]) *
+          padded_width + pad[1]]);
+    }
+  }
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::GatherRow(const std::vector<int>& channels,
+    int p, Dtype* row) const {
   const int* kernel = this->kernel_shape_.cpu_data();
   const int* stride = this->stride_.cpu_data();
   const int* pad = this->pad_.cpu_data();
   const int* dilation = this->dilation_.cpu_data();
+  const int padded_height = this->conv_input_shape_.cpu_data()[1] + 2 * pad[0];
+  const int padded_width = this->conv_input_shape_.cpu_data()[2] + 2 * pad[1];
   const int y = p / this->output_shape_[1], x = p % this->output_shape_[1];
-  const int top = y * stride[0] - pad[0], left = x * stride[1] - pad[1];
+  const Dtype* corner =
+      padded_.data() + y * stride[0] * padded_width + x * stride[1];
   const int taps = kernel[0] * kernel[1];
-  if (top >= 0 && top + (kernel[0] - 1) * dilation[0] < height &&
-      left >= 0 && left + (kernel[1] - 1) * dilation[1] < width) {
-    if (dilation[1] == 1) {
-      // Every tap inside the map, kernel rows contiguous: one copy per row.
-      for (int k = 0; k < channels.size(); ++k) {
-        const Dtype* base =
-            group_input + channels[k] * height * width + top * width + left;
-        for (int kh = 0; kh < kernel[0]; ++kh) {
-          const Dtype* src = base + kh * dilation[0] * width;
-          std::copy(src, src + kernel[1], row);
-          row += kernel[1];
-        }
-      }
-      return;
-    }
-    // Every tap inside the map: one table of offsets, no bounds checks.
-    const int* offset = tap_offset_.data();
+  if (dilation[1] == 1) {
+    // Each kernel row is a contiguous run of the padded map.
     for (int k = 0; k < channels.size(); ++k) {
-      const Dtype* base =
-          group_input + channels[k] * height * width + top * width + left;
-      for (int t = 0; t < taps; ++t) row[t] = base[offset[t]];
-      row += taps;
+      const Dtype* base = corner + channels[k] * padded_height * padded_width;
+      for (int kh = 0; kh < kernel[0]; ++kh) {
+        CopyRun(base + kh * dilation[0] * padded_width, row, kernel[1]);
+        row += kernel[1];
+      }
     }
     return;
   }
+  const int* offset = tap_offset_.data();
   for (int k = 0; k < channels.size(); ++k) {
-    const Dtype* map = group_input + channels[k] * height * width;
-    for (int kh = 0; kh < kernel[0]; ++kh) {
-      const int ih = top + kh * dilation[0];
-      const bool row_inside = ih >= 0 && ih < height;
-      for (int kw = 0; kw < kernel[1]; ++kw) {
-        const int iw = left + kw * dilation[1];
-        *row++ = (row_inside && iw >= 0 && iw < width) ?
-            map[ih * width + iw] : Dtype(0);
-      }
-    }
+    const Dtype* base = corner + channels[k] * padded_height * padded_width;
+    for (int t = 0; t < taps; ++t) row[t] = base[offset[t]];
+    row += taps;
   }
 }
 
@@ -198,6 +221,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
   const int sample = dyve_param_.sdss().stride();
   for (int g = 0; g < groups; ++g) {
     const Dtype* group_input = input + g * group_channels * map_size;
+    PadInput(group_input, group_channels);
     const Dtype* group_weights =
         weights + g * group_outputs * group_channels * taps;
     const std::vector<bool> group_constant(constant.begin() + g * group_channels,
@@ -267,21 +291,28 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
       const int y = p / out_width, x = p % out_width;
       if (!sdss || (y % sample == 0 && x % sample == 0)) batch.push_back(p);
     }
+    // In passes of a few rows, so that gathered rows are still in cache when
+    // the GEMM and the survivors read them.
     const int row_length = plan->row_length();
-    rows_.resize(std::max<size_t>(1, batch.size() * row_length));
-    z_.resize(batch.size() * group_outputs);
-    for (int r = 0; r < batch.size(); ++r) {
-      GatherRow(group_input, plan->row_channels(), batch[r],
-          &rows_[r * row_length]);
-      for (int o = 0; o < group_outputs; ++o) {
-        z_[r * group_outputs + o] = initial(o, batch[r]);
-      }
-    }
-    plan->EvaluateRows(rows_.data(), batch.size(), z_.data(), &effort_);
+    const int pass_rows = std::min<int>(batch.size(), kRowsPerPass);
+    rows_.resize(std::max(1, pass_rows * row_length) + kSlack);
+    z_.resize(pass_rows * group_outputs);
     Dtype* group_output = output + g * group_outputs * positions;
-    for (int r = 0; r < batch.size(); ++r) {
-      for (int o = 0; o < group_outputs; ++o) {
-        group_output[o * positions + batch[r]] = z_[r * group_outputs + o];
+    for (int start = 0; start < batch.size(); start += pass_rows) {
+      const int count = std::min<int>(pass_rows, batch.size() - start);
+      for (int r = 0; r < count; ++r) {
+        GatherRow(plan->row_channels(), batch[start + r],
+            &rows_[r * row_length]);
+        for (int o = 0; o < group_outputs; ++o) {
+          z_[r * group_outputs + o] = initial(o, batch[start + r]);
+        }
+      }
+      plan->EvaluateRows(rows_.data(), count, z_.data(), &effort_);
+      for (int r = 0; r < count; ++r) {
+        for (int o = 0; o < group_outputs; ++o) {
+          group_output[o * positions + batch[start + r]] =
+              z_[r * group_outputs + o];
+        }
       }
     }
     if (!sdss) continue;
@@ -291,7 +322,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
     const Dtype threshold = dyve_param_.sdss().threshold();
     const bool fill_mean =
         dyve_param_.sdss().fill() == DyveSdssParameter_Fill_MEAN;
-    std::vector<Dtype> row(std::max(1, row_length));
+    std::vector<Dtype> row(std::max(1, row_length) + kSlack);
     std::vector<Dtype> maxima(std::max(1, plan->rest_channels()));
     for (int p = 0; p < positions; ++p) {
       const int y = p / out_width, x = p % out_width;
@@ -323,7 +354,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
           continue;
         }
         if (!gathered) {
-          GatherRow(group_input, plan->row_channels(), p, row.data());
+          GatherRow(plan->row_channels(), p, row.data());
           if (plan->uses_bound()) {
             plan->RowMaxima(row.data(), maxima.data(), &effort_);
           }

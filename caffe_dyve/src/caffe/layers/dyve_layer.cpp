@@ -168,6 +168,34 @@ void Dot4Avx2(int n, const float* x, const float* const* w, float* out) {
 }
 #endif
 
+#if defined(__x86_64__)
+__attribute__((target("avx2")))
+float MaxAvx2(int n, const float* x) {
+  float best = x[0];
+  int i = 0;
+  if (n >= 8) {
+    __m256 m = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m);
+    best = *std::max_element(lanes, lanes + 8);
+  }
+  for (; i < n; ++i) best = std::max(best, x[i]);
+  return best;
+}
+#endif
+
+inline float MaxOf(int n, const float* x) {
+#if defined(__x86_64__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return MaxAvx2(n, x);
+#endif
+  return *std::max_element(x, x + n);
+}
+inline double MaxOf(int n, const double* x) {
+  return *std::max_element(x, x + n);
+}
+
 inline void Dot4(int n, const float* x, const float* const* w, float* out) {
 #if defined(__x86_64__)
   static const bool avx2 = __builtin_cpu_supports("avx2") &&
@@ -448,8 +476,7 @@ void DyveNeuronPlan<Dtype>::RowMaxima(const Dtype* row, Dtype* maxima,
     DyveEffort* effort) const {
   const Dtype* rest = row + prefix_length_;
   for (int j = 0; j < rest_channels_; ++j) {
-    const Dtype* taps = rest + j * taps_;
-    maxima[j] = *std::max_element(taps, taps + taps_);
+    maxima[j] = MaxOf(taps_, rest + j * taps_);
   }
   effort->ops_spet += static_cast<uint64_t>(rest_channels_) * taps_;
 }

@@ -55,8 +55,8 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
       const vector<bool>& propagate_down, const vector<Blob<Dtype>*>& bottom);
 
  private:
-  /// Rows gathered and evaluated per pass (about 100 KB for 5x5x64 taps).
-  static const int kRowsPerPass = 64;
+  /// Rows gathered and evaluated per pass (400 KB for 5x5x32 taps).
+  static const int kRowsPerPass = 128;
   /// Room past a gathered row or the padded maps for 4-wide copies.
   static const int kSlack = 4;
   /// Error for settings that conflict with the current shapes, or "".

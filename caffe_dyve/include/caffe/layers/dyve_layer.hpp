@@ -101,7 +101,16 @@ class DyveNeuronPlan {
   Dtype EvaluateNeuron(const Dtype* row, const Dtype* maxima, int o,
       Dtype z_init, DyveEffort* effort) const;
 
+  /// Evaluates the listed outputs on one row, as EvaluateNeuron would each:
+  /// z[i] holds the initial value of output outputs[i], on return its output.
+  void EvaluateSelected(const Dtype* row, const Dtype* maxima,
+      const int* outputs, int count, Dtype* z, DyveEffort* effort) const;
+
  private:
+  /// sums[i] = the dot product of the n values x with columns [offset,
+  /// offset + n) of output outputs[i]'s weights; four outputs per pass.
+  void DotOutputs(const Dtype* x, int offset, int n, const int* outputs,
+      int count, Dtype* sums) const;
   /// Finishes neuron o after its prefix sum z; `bound` is the BOUND gate's U.
   Dtype Finish(const Dtype* row, int o, Dtype z, Dtype bound,
       DyveEffort* effort) const;
@@ -121,7 +130,8 @@ class DyveNeuronPlan {
   bool bound_;
   int rest_channels_;
   std::vector<Dtype> rest_positive_;
-  mutable std::vector<Dtype> maxima_, bounds_;  // scratch of EvaluateRows
+  mutable std::vector<Dtype> maxima_, bounds_, sums_;  // scratch
+  mutable std::vector<int> survivors_;
   // PER_OUTPUT: per neuron, the prefix and the rest as row indices, with
   // their weights in the same order.
   std::vector<std::vector<int> > prefix_index_, rest_index_;

@@ -324,6 +324,8 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
         dyve_param_.sdss().fill() == DyveSdssParameter_Fill_MEAN;
     std::vector<Dtype> row(std::max(1, row_length) + kSlack);
     std::vector<Dtype> maxima(std::max(1, plan->rest_channels()));
+    std::vector<int> computed;
+    std::vector<Dtype> values;
     for (int p = 0; p < positions; ++p) {
       const int y = p / out_width, x = p % out_width;
       if (y % sample == 0 && x % sample == 0) continue;
@@ -331,7 +333,8 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
       int ys[2] = {y0, y0 + sample}, xs[2] = {x0, x0 + sample};
       const int ny = (y % sample != 0 && ys[1] < out_height) ? 2 : 1;
       const int nx = (x % sample != 0 && xs[1] < out_width) ? 2 : 1;
-      bool gathered = false;
+      computed.clear();
+      values.clear();
       for (int o = 0; o < group_outputs; ++o) {
         const Dtype* map = group_output + o * positions;
         bool significant = false;
@@ -353,15 +356,19 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
               fill_mean ? sum / neighbours : Dtype(0);
           continue;
         }
-        if (!gathered) {
-          GatherRow(plan->row_channels(), p, row.data());
-          if (plan->uses_bound()) {
-            plan->RowMaxima(row.data(), maxima.data(), &effort_);
-          }
-          gathered = true;
-        }
-        group_output[o * positions + p] = plan->EvaluateNeuron(row.data(),
-            maxima.data(), o, initial(o, p), &effort_);
+        computed.push_back(o);
+        values.push_back(initial(o, p));
+      }
+      if (computed.empty()) continue;
+      // The significant neurons of this position, on one gathered row.
+      GatherRow(plan->row_channels(), p, row.data());
+      if (plan->uses_bound()) {
+        plan->RowMaxima(row.data(), maxima.data(), &effort_);
+      }
+      plan->EvaluateSelected(row.data(), maxima.data(), computed.data(),
+          computed.size(), values.data(), &effort_);
+      for (int i = 0; i < computed.size(); ++i) {
+        group_output[computed[i] * positions + p] = values[i];
       }
     }
   }

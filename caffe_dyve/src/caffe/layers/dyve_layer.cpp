@@ -419,7 +419,9 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
     const Dtype threshold = param_.spet().threshold();
     const Dtype scale = param_.spet().bound_scale();
     const int rest_length = row_length_ - prefix_length_;
-    std::vector<int> survivors(num_output_);
+    std::vector<int>& survivors = survivors_;
+    survivors.resize(num_output_);
+    sums_.resize(num_output_);
     for (int r = 0; r < num_rows; ++r) {
       Dtype* zr = z + r * num_output_;
       int count = 0;
@@ -437,24 +439,9 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
       effort->spet_zeroed += zeroed;
       effort->macs_skipped_spet += zeroed * rest_length;
       effort->macs_executed += static_cast<uint64_t>(count) * rest_length;
-      const Dtype* rest = rows + r * row_length_ + prefix_length_;
-      int k = 0;
-      if (rest_length > 0) {
-        for (; k + 4 <= count; k += 4) {
-          const Dtype* w[4];
-          Dtype sums[4];
-          for (int j = 0; j < 4; ++j) {
-            w[j] = &row_weights_[survivors[k + j] * row_length_ +
-                prefix_length_];
-          }
-          Dot4(rest_length, rest, w, sums);
-          for (int j = 0; j < 4; ++j) zr[survivors[k + j]] += sums[j];
-        }
-        for (; k < count; ++k) {
-          zr[survivors[k]] += Dot(rest_length, rest,
-              &row_weights_[survivors[k] * row_length_ + prefix_length_]);
-        }
-      }
+      DotOutputs(rows + r * row_length_ + prefix_length_, prefix_length_,
+          rest_length, survivors.data(), count, sums_.data());
+      for (int j = 0; j < count; ++j) zr[survivors[j]] += sums_[j];
       if (param_.relu()) {
         for (int j = 0; j < count; ++j) {
           zr[survivors[j]] = std::max(zr[survivors[j]], Dtype(0));
@@ -467,6 +454,87 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
     for (int o = 0; o < num_output_; ++o) {
       Dtype* value = z + r * num_output_ + o;
       *value = EvaluateNeuron(rows + r * row_length_, NULL, o, *value, effort);
+    }
+  }
+}
+
+template <typename Dtype>
+void DyveNeuronPlan<Dtype>::DotOutputs(const Dtype* x, int offset, int n,
+    const int* outputs, int count, Dtype* sums) const {
+  if (n <= 0) {
+    std::fill(sums, sums + count, Dtype(0));
+    return;
+  }
+  int k = 0;
+  for (; k + 4 <= count; k += 4) {
+    const Dtype* w[4];
+    for (int j = 0; j < 4; ++j) {
+      w[j] = &row_weights_[outputs[k + j] * row_length_ + offset];
+    }
+    Dot4(n, x, w, sums + k);
+  }
+  for (; k < count; ++k) {
+    sums[k] = Dot(n, x, &row_weights_[outputs[k] * row_length_ + offset]);
+  }
+}
+
+template <typename Dtype>
+void DyveNeuronPlan<Dtype>::EvaluateSelected(const Dtype* row,
+    const Dtype* maxima, const int* outputs, int count, Dtype* z,
+    DyveEffort* effort) const {
+  if (param_.spet().exact() || !prefix_index_.empty()) {
+    // Sign-ordered or per-output orders: one neuron at a time.
+    for (int i = 0; i < count; ++i) {
+      z[i] = EvaluateNeuron(row, maxima, outputs[i], z[i], effort);
+    }
+    return;
+  }
+  sums_.resize(std::max<size_t>(sums_.size(), count));
+  const bool spet = param_.spet().enabled();
+  const int prefix = spet ? prefix_length_ : 0;
+  // Dense part: the prefix under SPET, else the whole row.
+  const int head = spet ? prefix : row_length_;
+  DotOutputs(row, 0, head, outputs, count, sums_.data());
+  for (int i = 0; i < count; ++i) z[i] += sums_[i];
+  effort->macs_executed += static_cast<uint64_t>(count) * head;
+  std::vector<int>& survivors = survivors_;
+  survivors.clear();
+  if (spet) {
+    const Dtype threshold = param_.spet().threshold();
+    const Dtype scale = param_.spet().bound_scale();
+    const int rest_length = row_length_ - prefix;
+    std::vector<int> kept;
+    for (int i = 0; i < count; ++i) {
+      Dtype gate = z[i];
+      if (bound_ && rest_channels_ > 0) {
+        const Dtype* positive = &rest_positive_[outputs[i] * rest_channels_];
+        Dtype bound = 0;
+        for (int j = 0; j < rest_channels_; ++j) {
+          bound += positive[j] * maxima[j];
+        }
+        effort->ops_spet += rest_channels_;
+        gate += scale * bound;
+      }
+      effort->ops_spet += 1;
+      if (gate < threshold) {
+        z[i] = 0;
+        effort->spet_zeroed += 1;
+        effort->macs_skipped_spet += rest_length;
+      } else {
+        survivors.push_back(i);
+        kept.push_back(outputs[i]);
+      }
+    }
+    DotOutputs(row + prefix, prefix, rest_length, kept.data(), kept.size(),
+        sums_.data());
+    for (int j = 0; j < kept.size(); ++j) z[survivors[j]] += sums_[j];
+    effort->macs_executed += static_cast<uint64_t>(kept.size()) * rest_length;
+  } else {
+    for (int i = 0; i < count; ++i) survivors.push_back(i);
+  }
+  if (param_.relu()) {
+    for (int j = 0; j < survivors.size(); ++j) {
+      z[survivors[j]] = std::max(z[survivors[j]], Dtype(0));
     }
   }
 }

@@ -475,3 +475,43 @@ def test_layer_stats_match_the_layers_spet(tmp_path):
             want = np.where(part < t, 0.0, np.maximum(z, 0))
             clear = np.abs(part - t) > 1e-4
             np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-4)
+            if name == "conv":
+                # The BOUND gate: the layer zeroes exactly where partial + s * bound < 0,
+                # with layer_stats' bound.
+                bound = layout(stats["bound"][f])
+                for s in (1.0, 0.25):
+                    live.set_settings(net, name, {"relu": True, "spet": {
+                        "enabled": True, "fraction": f, "gate": "BOUND", "bound_scale": s}})
+                    net.forward()
+                    got = net.blobs[name].data.reshape(z.shape)
+                    gate = part + np.float32(s) * bound
+                    want = np.where(gate < 0, 0.0, np.maximum(z, 0))
+                    clear = np.abs(gate) > 1e-4
+                    np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-4)
+                    if s == 1.0:  # exact on these non-negative inputs
+                        np.testing.assert_allclose(got, np.maximum(z, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_spet_ladder_uses_the_bound_gate_and_exact_is_opt_in():
+    param = caffe_pb2.NetParameter()
+    text_format.Merge(LAYER_NET, param)
+    layers = {layer.name: layer for layer in param.layer}
+    rng = np.random.RandomState(0)
+    conv = layers["conv"]
+    w = rng.randn(6, 2, 3, 3)
+    x = np.abs(rng.randn(2, 4, 7, 7))
+    stats = tune.layer_stats(conv, w, np.zeros(6), x, rng)
+    levels = tune.build_levels(conv, stats, ("spet",), (2, 6, 4, 4))["spet"]
+    assert levels and all(item["set"]["gate"] == "BOUND" and item["set"]["threshold"] == 0
+                          for item in levels)
+    # per fraction: exact scale first, then less and less trust in the bound
+    first = [item["set"]["bound_scale"] for item in levels
+             if item["set"]["fraction"] == levels[0]["set"]["fraction"]]
+    assert first == list(tune.SPET_BOUND_SCALES)
+    # the bound is an upper bound, so at s = 1 nothing positive is predicted zero
+    assert all(item["scale"]["wrongly_zeroed"] == 0 for item in levels
+               if item["set"]["bound_scale"] == 1.0)
+    assert "exact" not in tune.DEFAULT_KNOBS
+    assert tune.compact({"relu": True, "spet": {"enabled": True, "gate": "BOUND",
+                                                "bound_scale": 0.5}})["spet"] == {
+        "enabled": True, "fraction": 0.5, "threshold": 0.0, "gate": "BOUND", "bound_scale": 0.5}

@@ -57,8 +57,8 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
  private:
   /// Rows gathered and evaluated per pass (400 KB for 5x5x32 taps).
   static const int kRowsPerPass = 128;
-  /// Room past a gathered row or the padded maps for 4-wide copies.
-  static const int kSlack = 4;
+  /// Room past a gathered row or the padded maps for 8-wide copies.
+  static const int kSlack = 8;
   /// Error for settings that conflict with the current shapes, or "".
   std::string CheckShapes(const DyveParameter& param) const;
   void RefreshWeightState();
@@ -76,7 +76,8 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   bool state_stale_;
   std::vector<DyveNeuronPlan<Dtype> > plans_;  // per group, no SFMA maps
   std::vector<Dtype> rows_, z_, sfma_table_, padded_;
-  std::vector<int> tap_offset_;  // input offset of each tap, row-major taps
+  std::vector<int> tap_offset_;
+  mutable std::vector<int> channel_offset_;  // scratch of GatherRow  // input offset of each tap, row-major taps
 };
 
 }  // namespace caffe

@@ -5,8 +5,8 @@
 
 #include "caffe/layers/dyve_conv_layer.hpp"
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
 #endif
 
 namespace caffe {
@@ -108,6 +108,37 @@ inline void CopyRun(const double* src, double* dst, int n) {
   for (int i = 0; i < n; ++i) dst[i] = src[i];
 }
 
+// One row's runs (channels x kernel rows of `width` values each), 8 at a time
+// with AVX: may read and write up to 7 values past a run.
+#if defined(__x86_64__)
+__attribute__((target("avx")))
+void GatherRunsAvx(const float* corner, const int* channel_offset,
+    int channels, int kernel_rows, int row_step, int width, float* row) {
+  for (int k = 0; k < channels; ++k) {
+    const float* src = corner + channel_offset[k];
+    for (int kh = 0; kh < kernel_rows; ++kh, src += row_step) {
+      for (int i = 0; i < width; i += 8) {
+        _mm256_storeu_ps(row + i, _mm256_loadu_ps(src + i));
+      }
+      row += width;
+    }
+  }
+}
+#endif
+
+// Plain runs with CopyRun; returns false where the AVX version should run.
+template <typename Dtype>
+bool UseAvxGather() { return false; }
+template <>
+bool UseAvxGather<float>() {
+#if defined(__x86_64__)
+  static const bool avx = __builtin_cpu_supports("avx");
+  return avx;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 template <typename Dtype>
@@ -144,6 +175,18 @@ void DyveConvolutionLayer<Dtype>::GatherRow(const std::vector<int>& channels,
   const int taps = kernel[0] * kernel[1];
   if (dilation[1] == 1) {
     // Each kernel row is a contiguous run of the padded map.
+#if defined(__x86_64__)
+    if (UseAvxGather<Dtype>()) {
+      channel_offset_.resize(channels.size());
+      for (int k = 0; k < channels.size(); ++k) {
+        channel_offset_[k] = channels[k] * padded_height * padded_width;
+      }
+      GatherRunsAvx(reinterpret_cast<const float*>(corner),
+          channel_offset_.data(), channels.size(), kernel[0],
+          dilation[0] * padded_width, kernel[1], reinterpret_cast<float*>(row));
+      return;
+    }
+#endif
     for (int k = 0; k < channels.size(); ++k) {
       const Dtype* base = corner + channels[k] * padded_height * padded_width;
       for (int kh = 0; kh < kernel[0]; ++kh) {

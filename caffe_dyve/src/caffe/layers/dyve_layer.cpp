@@ -146,24 +146,42 @@ inline double Dot(int n, const double* x, const double* y) {
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma")))
 void Dot4Avx2(int n, const float* x, const float* const* w, float* out) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  // Two sums per output: eight independent FMA chains hide the FMA latency.
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  __m256 b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
   int i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    s0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[0] + i), s0);
-    s1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[1] + i), s1);
-    s2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[2] + i), s2);
-    s3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[3] + i), s3);
+  for (; i + 16 <= n; i += 16) {
+    const __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
+    a0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[0] + i), a0);
+    a1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[1] + i), a1);
+    a2 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[2] + i), a2);
+    a3 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[3] + i), a3);
+    b0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[0] + i + 8), b0);
+    b1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[1] + i + 8), b1);
+    b2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[2] + i + 8), b2);
+    b3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[3] + i + 8), b3);
   }
-  float lanes[8];
-  __m256 sums[4] = {s0, s1, s2, s3};
-  for (int k = 0; k < 4; ++k) {
-    _mm256_storeu_ps(lanes, sums[k]);
-    float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-        ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    for (int j = i; j < n; ++j) total += x[j] * w[k][j];
-    out[k] = total;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 u = _mm256_loadu_ps(x + i);
+    a0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[0] + i), a0);
+    a1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[1] + i), a1);
+    a2 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[2] + i), a2);
+    a3 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[3] + i), a3);
+  }
+  a0 = _mm256_add_ps(a0, b0);
+  a1 = _mm256_add_ps(a1, b1);
+  a2 = _mm256_add_ps(a2, b2);
+  a3 = _mm256_add_ps(a3, b3);
+  // Horizontal sums of the four at once: lanes (0 1 2 3) hold outputs 0..3.
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1),
+      _mm256_hadd_ps(a2, a3));
+  __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h),
+      _mm256_extractf128_ps(h, 1));
+  _mm_storeu_ps(out, sums);
+  for (; i < n; ++i) {
+    for (int k = 0; k < 4; ++k) out[k] += x[i] * w[k][i];
   }
 }
 #endif
@@ -424,14 +442,25 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
     sums_.resize(num_output_);
     for (int r = 0; r < num_rows; ++r) {
       Dtype* zr = z + r * num_output_;
+      // Branch-free: about half the neurons are zeroed, in no pattern a
+      // branch predictor could follow.
       int count = 0;
-      for (int o = 0; o < num_output_; ++o) {
-        const Dtype gate = bound_ ? zr[o] + scale * bounds_[r * num_output_ + o]
-                                  : zr[o];
-        if (gate < threshold) {
-          zr[o] = 0;
-        } else {
-          survivors[count++] = o;
+      if (bound_) {
+        const Dtype* br = &bounds_[r * num_output_];
+        for (int o = 0; o < num_output_; ++o) {
+          survivors[count] = o;
+          count += !(zr[o] + scale * br[o] < threshold);
+        }
+        for (int o = 0; o < num_output_; ++o) {
+          zr[o] = (zr[o] + scale * br[o] < threshold) ? Dtype(0) : zr[o];
+        }
+      } else {
+        for (int o = 0; o < num_output_; ++o) {
+          survivors[count] = o;
+          count += !(zr[o] < threshold);
+        }
+        for (int o = 0; o < num_output_; ++o) {
+          zr[o] = (zr[o] < threshold) ? Dtype(0) : zr[o];
         }
       }
       const uint64_t zeroed = num_output_ - count;
@@ -442,9 +471,9 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
       DotOutputs(rows + r * row_length_ + prefix_length_, prefix_length_,
           rest_length, survivors.data(), count, sums_.data());
       for (int j = 0; j < count; ++j) zr[survivors[j]] += sums_[j];
-      if (param_.relu()) {
-        for (int j = 0; j < count; ++j) {
-          zr[survivors[j]] = std::max(zr[survivors[j]], Dtype(0));
+      if (param_.relu()) {  // the zeroed ones are 0 already
+        for (int o = 0; o < num_output_; ++o) {
+          zr[o] = std::max(zr[o], Dtype(0));
         }
       }
     }

@@ -55,6 +55,40 @@ void DyveConvolutionLayer<Dtype>::Reshape(const vector<Blob<Dtype>*>& bottom,
         tap_offset_.push_back(kh * dilation[0] * width + kw * dilation[1]);
       }
     }
+    // SFMA: per output position, the rectangle of taps inside the input as
+    // four indices into a (kernel_h + 1) x (kernel_w + 1) summed-area table.
+    const int height = this->conv_input_shape_.cpu_data()[1];
+    const int input_width = this->conv_input_shape_.cpu_data()[2];
+    const int* stride = this->stride_.cpu_data();
+    const int* pad = this->pad_.cpu_data();
+    const int out_width = this->output_shape_[1];
+    const int positions = this->output_shape_[0] * out_width;
+    const int cols = kernel[1] + 1;
+    sfma_rect_.assign(positions * 5, 0);
+    for (int p = 0; p < positions; ++p) {
+      const int top = (p / out_width) * stride[0] - pad[0];
+      const int left = (p % out_width) * stride[1] - pad[1];
+      // Tap rows kh with 0 <= top + kh * dilation < height, likewise columns.
+      const int kh0 = std::max(0, (-top + dilation[0] - 1) / dilation[0]);
+      const int kh1 = std::min(kernel[0],
+          std::max(0, (height - top + dilation[0] - 1) / dilation[0]));
+      const int kw0 = std::max(0, (-left + dilation[1] - 1) / dilation[1]);
+      const int kw1 = std::min(kernel[1],
+          std::max(0, (input_width - left + dilation[1] - 1) / dilation[1]));
+      int* rect = &sfma_rect_[p * 5];
+      if (kh0 == 0 && kh1 == kernel[0] && kw0 == 0 && kw1 == kernel[1]) {
+        rect[0] = kInterior;
+        rect[1] = kernel[0] * cols + kernel[1];
+      } else if (kh0 >= kh1 || kw0 >= kw1) {
+        rect[0] = kOutside;
+      } else {
+        rect[0] = kBorder;
+        rect[1] = kh1 * cols + kw1;
+        rect[2] = kh0 * cols + kw1;
+        rect[3] = kh1 * cols + kw0;
+        rect[4] = kh0 * cols + kw0;
+      }
+    }
   }
 }
 
@@ -215,9 +249,6 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
   const int out_width = this->output_shape_[1];
   const int positions = out_height * out_width;
   const int* kernel = this->kernel_shape_.cpu_data();
-  const int* stride = this->stride_.cpu_data();
-  const int* pad = this->pad_.cpu_data();
-  const int* dilation = this->dilation_.cpu_data();
   const int taps = kernel[0] * kernel[1];
   const int groups = this->group_;
   const int group_outputs = this->num_output_ / groups;
@@ -271,13 +302,17 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
         constant.begin() + (g + 1) * group_channels);
     const int constant_count =
         std::count(group_constant.begin(), group_constant.end(), true);
-    DyveNeuronPlan<Dtype> reduced_plan;
     const DyveNeuronPlan<Dtype>* plan = &plans_[g];
     if (constant_count > 0) {
-      // This image's live channels differ: a plan without the constant maps.
-      reduced_plan = plans_[g];
-      reduced_plan.Build(dyve_param_, group_weights, group_constant);
-      plan = &reduced_plan;
+      // This image's live channels differ: a plan without the constant maps
+      // (assigned into a kept object, so its buffers are reused).
+      reduced_plan_ = plans_[g];
+      reduced_plan_.Build(dyve_param_, group_weights, group_constant);
+      plan = &reduced_plan_;
+      std::vector<int> constant_channels;
+      for (int c = 0; c < group_channels; ++c) {
+        if (group_constant[c]) constant_channels.push_back(c);
+      }
       // Summed kernel of the constant maps and its summed-area table, so the
       // taps that fall into the zero padding are left out exactly.
       sfma_table_.assign(group_outputs * (kernel[0] + 1) * (kernel[1] + 1), 0);
@@ -286,8 +321,8 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
         for (int kh = 0; kh < kernel[0]; ++kh) {
           for (int kw = 0; kw < kernel[1]; ++kw) {
             Dtype summed = 0;
-            for (int c = 0; c < group_channels; ++c) {
-              if (!group_constant[c]) continue;
+            for (int k = 0; k < constant_channels.size(); ++k) {
+              const int c = constant_channels[k];
               summed += mean[g * group_channels + c] * group_weights[
                   ((o * group_channels + c) * kernel[0] + kh) * kernel[1] + kw];
             }
@@ -307,25 +342,16 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
       Dtype z = bias ? bias[g * group_outputs + o] : Dtype(0);
       if (constant_count == 0) return z;
       effort_.macs_skipped_sfma += constant_count * taps;
-      const int y = p / out_width, x = p % out_width;
-      const int top = y * stride[0] - pad[0], left = x * stride[1] - pad[1];
-      // Tap rows kh with 0 <= top + kh * dilation < height, likewise columns.
-      const int kh0 = std::max(0, (-top + dilation[0] - 1) / dilation[0]);
-      const int kh1 = std::min(kernel[0],
-          std::max(0, (height - top + dilation[0] - 1) / dilation[0]));
-      const int kw0 = std::max(0, (-left + dilation[1] - 1) / dilation[1]);
-      const int kw1 = std::min(kernel[1],
-          std::max(0, (width - left + dilation[1] - 1) / dilation[1]));
       const Dtype* table = &sfma_table_[o * (kernel[0] + 1) * (kernel[1] + 1)];
-      const int cols = kernel[1] + 1;
-      if (kh0 == 0 && kh1 == kernel[0] && kw0 == 0 && kw1 == kernel[1]) {
+      const int* rect = &sfma_rect_[p * 5];
+      if (rect[0] == kInterior) {
         effort_.ops_sfma += 1;
-        return z + table[kernel[0] * cols + kernel[1]];
+        return z + table[rect[1]];
       }
       effort_.ops_sfma += 4;
-      if (kh0 >= kh1 || kw0 >= kw1) return z;
-      return z + table[kh1 * cols + kw1] - table[kh0 * cols + kw1]
-          - table[kh1 * cols + kw0] + table[kh0 * cols + kw0];
+      if (rect[0] == kOutside) return z;
+      return z + table[rect[1]] - table[rect[2]] - table[rect[3]] +
+          table[rect[4]];
     };
 
     // Dense or grid positions: gathered rows, then one GEMM-based pass.

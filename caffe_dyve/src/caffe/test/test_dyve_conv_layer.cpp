@@ -426,7 +426,9 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSpetBoundGateByHand) {
         }
       }
       const DyveEffort& e = layer.effort();
-      if (ties == 0) EXPECT_LE(e.spet_zeroed, zeroed);
+      if (ties == 0) {
+        EXPECT_LE(e.spet_zeroed, zeroed);
+      }
       EXPECT_GE(e.spet_zeroed + ties, zeroed);
       if (scale == 1.f) zeroed_at_one += e.spet_zeroed;
       // Per row the rest's maxima, per neuron its bound and the compare.

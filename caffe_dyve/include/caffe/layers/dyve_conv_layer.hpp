@@ -76,12 +76,12 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   bool state_stale_;
   std::vector<DyveNeuronPlan<Dtype> > plans_;  // per group, no SFMA maps
   std::vector<Dtype> rows_, z_, sfma_table_, padded_;
-  std::vector<int> tap_offset_;
+  std::vector<int> tap_offset_;  // padded-input offset of each tap, row-major
   // SFMA: per output position, kind and summed-area table indices (Reshape).
   enum { kInterior = 0, kBorder = 1, kOutside = 2 };
   std::vector<int> sfma_rect_;
   DyveNeuronPlan<Dtype> reduced_plan_;  // this image's plan without SFMA maps
-  mutable std::vector<int> channel_offset_;  // scratch of GatherRow  // input offset of each tap, row-major taps
+  mutable std::vector<int> channel_offset_;  // scratch of GatherRow
 };
 
 }  // namespace caffe

@@ -298,7 +298,8 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
     PadInput(group_input, group_channels);
     const Dtype* group_weights =
         weights + g * group_outputs * group_channels * taps;
-    const std::vector<bool> group_constant(constant.begin() + g * group_channels,
+    const std::vector<bool> group_constant(
+        constant.begin() + g * group_channels,
         constant.begin() + (g + 1) * group_channels);
     const int constant_count =
         std::count(group_constant.begin(), group_constant.end(), true);
@@ -402,41 +403,54 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
       int ys[2] = {y0, y0 + sample}, xs[2] = {x0, x0 + sample};
       const int ny = (y % sample != 0 && ys[1] < out_height) ? 2 : 1;
       const int nx = (x % sample != 0 && xs[1] < out_width) ? 2 : 1;
-      computed.clear();
-      values.clear();
+      const int neighbours = ny * nx;
+      int offset[4];
+      for (int i = 0; i < ny; ++i) {
+        for (int j = 0; j < nx; ++j) {
+          offset[i * nx + j] = ys[i] * out_width + xs[j];
+        }
+      }
+      // Branch-free over the outputs (which neurons are significant follows
+      // no pattern): every neighbour is read, the compares are counted up to
+      // the first significant one, as the sequential test would make them.
+      computed.resize(group_outputs);
+      int count = 0;
+      uint64_t compares = 0;
       for (int o = 0; o < group_outputs; ++o) {
         const Dtype* map = group_output + o * positions;
-        bool significant = false;
         Dtype sum = 0;
-        for (int i = 0; i < ny && !significant; ++i) {
-          for (int j = 0; j < nx && !significant; ++j) {
-            const Dtype value = map[ys[i] * out_width + xs[j]];
-            effort_.ops_sdss += 1;
-            significant = value > threshold;
-            sum += value;
-          }
+        int made = 0, still_quiet = 1;
+        for (int k = 0; k < neighbours; ++k) {
+          const Dtype value = map[offset[k]];
+          made += still_quiet;
+          still_quiet &= !(value > threshold);
+          sum += value;
         }
-        if (!significant) {
-          const int neighbours = ny * nx;
-          effort_.sdss_filled += 1;
-          effort_.macs_skipped_sdss += fan_in;
-          if (fill_mean) effort_.ops_sdss += neighbours;
-          group_output[o * positions + p] =
-              fill_mean ? sum / neighbours : Dtype(0);
-          continue;
-        }
-        computed.push_back(o);
-        values.push_back(initial(o, p));
+        compares += made;
+        // The fill, overwritten below when the neuron is computed.
+        group_output[o * positions + p] =
+            fill_mean ? sum / neighbours : Dtype(0);
+        computed[count] = o;
+        count += !still_quiet;
       }
-      if (computed.empty()) continue;
+      const int filled = group_outputs - count;
+      effort_.ops_sdss += compares;
+      effort_.sdss_filled += filled;
+      effort_.macs_skipped_sdss += static_cast<uint64_t>(filled) * fan_in;
+      if (fill_mean) {
+        effort_.ops_sdss += static_cast<uint64_t>(filled) * neighbours;
+      }
+      if (count == 0) continue;
+      values.resize(count);
+      for (int i = 0; i < count; ++i) values[i] = initial(computed[i], p);
       // The significant neurons of this position, on one gathered row.
       GatherRow(plan->row_channels(), p, row.data());
       if (plan->uses_bound()) {
         plan->RowMaxima(row.data(), maxima.data(), &effort_);
       }
       plan->EvaluateSelected(row.data(), maxima.data(), computed.data(),
-          computed.size(), values.data(), &effort_);
-      for (int i = 0; i < computed.size(); ++i) {
+          count, values.data(), &effort_);
+      for (int i = 0; i < count; ++i) {
         group_output[computed[i] * positions + p] = values[i];
       }
     }

@@ -67,8 +67,10 @@ bool DyveKnobsOn(const DyveParameter& param);
  *
  * A "row" holds the live inputs of one position (conv: taps of the live
  * channels in the plan's channel order; inner product: the input vector).
- * Dense and prefix sums run as one GEMM over many rows; only the surviving
- * neurons are finished, one dot product each.
+ * Dense and prefix sums (and the BOUND gate's bounds) run as GEMMs over many
+ * rows; the gate is branch-free, and a row's surviving neurons are finished
+ * four outputs per pass over the row (docs/performance.md has the numbers).
+ * Exact mode and PER_OUTPUT orders go neuron by neuron.
  */
 template <typename Dtype>
 class DyveNeuronPlan {
@@ -131,7 +133,7 @@ class DyveNeuronPlan {
   int rest_channels_;
   std::vector<Dtype> rest_positive_;
   mutable std::vector<Dtype> maxima_, bounds_, sums_;  // scratch
-  mutable std::vector<int> survivors_;
+  mutable std::vector<int> survivors_, kept_;
   // PER_OUTPUT: per neuron, the prefix and the rest as row indices, with
   // their weights in the same order.
   std::vector<std::vector<int> > prefix_index_, rest_index_;

@@ -78,8 +78,8 @@ std::string ValidateDyveParameter(const DyveParameter& param,
   } else if (!std::isfinite(spet.threshold())) {
     error << where << "dyve_param.spet.threshold must be finite";
   } else if (!(spet.bound_scale() >= 0) || !std::isfinite(spet.bound_scale())) {
-    error << where << "dyve_param.spet.bound_scale must be finite and >= 0, got "
-          << spet.bound_scale();
+    error << where << "dyve_param.spet.bound_scale must be finite and >= 0, "
+          << "got " << spet.bound_scale();
   } else if (spet.gate() == DyveSpetParameter_Gate_BOUND && !spet.enabled()) {
     error << where << "dyve_param.spet.gate BOUND gates approximate SPET, so "
           << "it needs dyve_param.spet.enabled: true";
@@ -193,7 +193,9 @@ float MaxAvx2(int n, const float* x) {
   int i = 0;
   if (n >= 8) {
     __m256 m = _mm256_loadu_ps(x);
-    for (i = 8; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    for (i = 8; i + 8 <= n; i += 8) {
+      m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    }
     float lanes[8];
     _mm256_storeu_ps(lanes, m);
     best = *std::max_element(lanes, lanes + 8);
@@ -532,7 +534,8 @@ void DyveNeuronPlan<Dtype>::EvaluateSelected(const Dtype* row,
     const Dtype threshold = param_.spet().threshold();
     const Dtype scale = param_.spet().bound_scale();
     const int rest_length = row_length_ - prefix;
-    std::vector<int> kept;
+    std::vector<int>& kept = kept_;
+    kept.clear();
     for (int i = 0; i < count; ++i) {
       Dtype gate = z[i];
       if (bound_ && rest_channels_ > 0) {

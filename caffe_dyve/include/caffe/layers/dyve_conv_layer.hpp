@@ -61,27 +61,37 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   static const int kSlack = 8;
   /// Error for settings that conflict with the current shapes, or "".
   std::string CheckShapes(const DyveParameter& param) const;
+  /// What evaluating one image needs for itself; one per thread.
+  struct ImageWork {
+    std::vector<Dtype> rows, z, sfma_table, padded;
+    std::vector<int> channel_offset;
+    DyveNeuronPlan<Dtype> reduced_plan;  // the plan without SFMA's maps
+    DyveEffort effort;
+  };
   void RefreshWeightState();
-  void ForwardImage(const Dtype* input, Dtype* output);
-  /// Copies one group's input maps into padded_, zero padding included, so
-  /// that gathering needs no bounds checks.
-  void PadInput(const Dtype* group_input, int group_channels);
+  void ForwardImage(const Dtype* input, Dtype* output, ImageWork* work) const;
+  /// Evaluates images [begin, end) of a bottom into its top.
+  void ForwardImages(const Dtype* bottom, Dtype* top, int begin, int end,
+      ImageWork* work) const;
+  /// Copies one group's input maps into work->padded, zero padding included,
+  /// so that gathering needs no bounds checks.
+  void PadInput(const Dtype* group_input, int group_channels,
+      ImageWork* work) const;
   /// Gathers the row of output position p for the live channels of the group
-  /// in padded_ (may write kSlack values past the row).
-  void GatherRow(const std::vector<int>& channels, int p, Dtype* row) const;
+  /// in work->padded (may write kSlack values past the row).
+  void GatherRow(const std::vector<int>& channels, int p, Dtype* row,
+      ImageWork* work) const;
 
   DyveParameter dyve_param_;
   DyveEffort effort_;
   uint64_t weights_version_;
   bool state_stale_;
   std::vector<DyveNeuronPlan<Dtype> > plans_;  // per group, no SFMA maps
-  std::vector<Dtype> rows_, z_, sfma_table_, padded_;
   std::vector<int> tap_offset_;  // padded-input offset of each tap, row-major
   // SFMA: per output position, kind and summed-area table indices (Reshape).
   enum { kInterior = 0, kBorder = 1, kOutside = 2 };
   std::vector<int> sfma_rect_;
-  DyveNeuronPlan<Dtype> reduced_plan_;  // this image's plan without SFMA maps
-  mutable std::vector<int> channel_offset_;  // scratch of GatherRow
+  std::vector<ImageWork> works_;  // per thread
 };
 
 }  // namespace caffe

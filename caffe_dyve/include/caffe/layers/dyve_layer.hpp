@@ -32,6 +32,8 @@ struct DyveEffort {
   std::vector<std::pair<std::string, uint64_t> > Items() const;
   /// One line: MACs executed of dense, then each knob's share and overhead.
   std::string Summary() const;
+  /// Adds another set of counters (e.g. one thread's share of a batch).
+  void Add(const DyveEffort& other);
 };
 
 /**
@@ -56,6 +58,11 @@ class DyveLayer {
 std::string ValidateDyveParameter(const DyveParameter& param,
     const std::string& layer_type, const std::string& layer_name,
     bool is_convolution);
+
+/// Threads BLAS may use (OPENBLAS_NUM_THREADS), 1 without OpenBLAS.
+int BlasThreads();
+/// Sets them (no-op without OpenBLAS).
+void SetBlasThreads(int threads);
 
 /// True when any knob (SPET, exact mode, SDSS, SFMA) is on.
 bool DyveKnobsOn(const DyveParameter& param);
@@ -132,8 +139,6 @@ class DyveNeuronPlan {
   bool bound_;
   int rest_channels_;
   std::vector<Dtype> rest_positive_;
-  mutable std::vector<Dtype> maxima_, bounds_, sums_;  // scratch
-  mutable std::vector<int> survivors_, kept_;
   // PER_OUTPUT: per neuron, the prefix and the rest as row indices, with
   // their weights in the same order.
   std::vector<std::vector<int> > prefix_index_, rest_index_;

@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <thread>  // NOLINT(build/c++11)
 #include <vector>
 
 #include "caffe/layers/dyve_conv_layer.hpp"
@@ -177,26 +178,26 @@ bool UseAvxGather<float>() {
 
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::PadInput(const Dtype* group_input,
-    int group_channels) {
+    int group_channels, ImageWork* work) const {
   const int height = this->conv_input_shape_.cpu_data()[1];
   const int width = this->conv_input_shape_.cpu_data()[2];
   const int* pad = this->pad_.cpu_data();
   const int padded_height = height + 2 * pad[0];
   const int padded_width = width + 2 * pad[1];
-  padded_.assign(group_channels * padded_height * padded_width + kSlack,
+  work->padded.assign(group_channels * padded_height * padded_width + kSlack,
       Dtype(0));
   for (int c = 0; c < group_channels; ++c) {
     for (int h = 0; h < height; ++h) {
       const Dtype* src = group_input + (c * height + h) * width;
-      std::copy(src, src + width, &padded_[(c * padded_height + h + pad[0]) *
-          padded_width + pad[1]]);
+      std::copy(src, src + width, &work->padded[(c * padded_height + h +
+          pad[0]) * padded_width + pad[1]]);
     }
   }
 }
 
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::GatherRow(const std::vector<int>& channels,
-    int p, Dtype* row) const {
+    int p, Dtype* row, ImageWork* work) const {
   const int* kernel = this->kernel_shape_.cpu_data();
   const int* stride = this->stride_.cpu_data();
   const int* pad = this->pad_.cpu_data();
@@ -205,18 +206,19 @@ void DyveConvolutionLayer<Dtype>::GatherRow(const std::vector<int>& channels,
   const int padded_width = this->conv_input_shape_.cpu_data()[2] + 2 * pad[1];
   const int y = p / this->output_shape_[1], x = p % this->output_shape_[1];
   const Dtype* corner =
-      padded_.data() + y * stride[0] * padded_width + x * stride[1];
+      work->padded.data() + y * stride[0] * padded_width + x * stride[1];
   const int taps = kernel[0] * kernel[1];
   if (dilation[1] == 1) {
     // Each kernel row is a contiguous run of the padded map.
 #if defined(__x86_64__)
     if (UseAvxGather<Dtype>()) {
-      channel_offset_.resize(channels.size());
+      std::vector<int>& channel_offset = work->channel_offset;
+      channel_offset.resize(channels.size());
       for (int k = 0; k < channels.size(); ++k) {
-        channel_offset_[k] = channels[k] * padded_height * padded_width;
+        channel_offset[k] = channels[k] * padded_height * padded_width;
       }
       GatherRunsAvx(reinterpret_cast<const float*>(corner),
-          channel_offset_.data(), channels.size(), kernel[0],
+          channel_offset.data(), channels.size(), kernel[0],
           dilation[0] * padded_width, kernel[1], reinterpret_cast<float*>(row));
       return;
     }
@@ -240,7 +242,8 @@ void DyveConvolutionLayer<Dtype>::GatherRow(const std::vector<int>& channels,
 
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
-    Dtype* output) {
+    Dtype* output, ImageWork* work) const {
+  DyveEffort& effort = work->effort;  // this thread's counters
   const int channels = this->channels_;
   const int height = this->conv_input_shape_.cpu_data()[1];
   const int width = this->conv_input_shape_.cpu_data()[2];
@@ -256,9 +259,9 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
   const int fan_in = group_channels * taps;
   const Dtype* weights = this->blobs_[0]->cpu_data();
   const Dtype* bias = this->bias_term_ ? this->blobs_[1]->cpu_data() : NULL;
-  effort_.images += 1;
-  effort_.outputs += static_cast<uint64_t>(this->num_output_) * positions;
-  effort_.macs_dense +=
+  effort.images += 1;
+  effort.outputs += static_cast<uint64_t>(this->num_output_) * positions;
+  effort.macs_dense +=
       static_cast<uint64_t>(this->num_output_) * positions * fan_in;
 
   // SFMA: find the (nearly) constant input maps of this image.
@@ -284,10 +287,10 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
         }
         spread = std::sqrt(squares / map_size);
       }
-      effort_.ops_sfma += 3 * map_size + 1;
+      effort.ops_sfma += 3 * map_size + 1;
       mean[c] = mu;
       constant[c] = spread <= dyve_param_.sfma().threshold();
-      effort_.sfma_maps += constant[c];
+      effort.sfma_maps += constant[c];
     }
   }
 
@@ -295,7 +298,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
   const int sample = dyve_param_.sdss().stride();
   for (int g = 0; g < groups; ++g) {
     const Dtype* group_input = input + g * group_channels * map_size;
-    PadInput(group_input, group_channels);
+    PadInput(group_input, group_channels, work);
     const Dtype* group_weights =
         weights + g * group_outputs * group_channels * taps;
     const std::vector<bool> group_constant(
@@ -307,18 +310,20 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
     if (constant_count > 0) {
       // This image's live channels differ: a plan without the constant maps
       // (assigned into a kept object, so its buffers are reused).
-      reduced_plan_ = plans_[g];
-      reduced_plan_.Build(dyve_param_, group_weights, group_constant);
-      plan = &reduced_plan_;
+      work->reduced_plan = plans_[g];
+      work->reduced_plan.Build(dyve_param_, group_weights, group_constant);
+      plan = &work->reduced_plan;
       std::vector<int> constant_channels;
       for (int c = 0; c < group_channels; ++c) {
         if (group_constant[c]) constant_channels.push_back(c);
       }
       // Summed kernel of the constant maps and its summed-area table, so the
       // taps that fall into the zero padding are left out exactly.
-      sfma_table_.assign(group_outputs * (kernel[0] + 1) * (kernel[1] + 1), 0);
+      work->sfma_table.assign(
+          group_outputs * (kernel[0] + 1) * (kernel[1] + 1), 0);
       for (int o = 0; o < group_outputs; ++o) {
-        Dtype* table = &sfma_table_[o * (kernel[0] + 1) * (kernel[1] + 1)];
+        Dtype* table =
+            &work->sfma_table[o * (kernel[0] + 1) * (kernel[1] + 1)];
         for (int kh = 0; kh < kernel[0]; ++kh) {
           for (int kw = 0; kw < kernel[1]; ++kw) {
             Dtype summed = 0;
@@ -334,7 +339,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
           }
         }
       }
-      effort_.ops_sfma += static_cast<uint64_t>(group_outputs) *
+      effort.ops_sfma += static_cast<uint64_t>(group_outputs) *
           (constant_count * taps + taps);
     }
     // The initial value of a computed neuron: bias plus the constant maps'
@@ -342,14 +347,15 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
     auto initial = [&](int o, int p) -> Dtype {
       Dtype z = bias ? bias[g * group_outputs + o] : Dtype(0);
       if (constant_count == 0) return z;
-      effort_.macs_skipped_sfma += constant_count * taps;
-      const Dtype* table = &sfma_table_[o * (kernel[0] + 1) * (kernel[1] + 1)];
+      effort.macs_skipped_sfma += constant_count * taps;
+      const Dtype* table =
+          &work->sfma_table[o * (kernel[0] + 1) * (kernel[1] + 1)];
       const int* rect = &sfma_rect_[p * 5];
       if (rect[0] == kInterior) {
-        effort_.ops_sfma += 1;
+        effort.ops_sfma += 1;
         return z + table[rect[1]];
       }
-      effort_.ops_sfma += 4;
+      effort.ops_sfma += 4;
       if (rect[0] == kOutside) return z;
       return z + table[rect[1]] - table[rect[2]] - table[rect[3]] +
           table[rect[4]];
@@ -365,23 +371,25 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
     // the GEMM and the survivors read them.
     const int row_length = plan->row_length();
     const int pass_rows = std::min<int>(batch.size(), kRowsPerPass);
-    rows_.resize(std::max(1, pass_rows * row_length) + kSlack);
-    z_.resize(pass_rows * group_outputs);
+    std::vector<Dtype>& rows = work->rows;
+    std::vector<Dtype>& z = work->z;
+    rows.resize(std::max(1, pass_rows * row_length) + kSlack);
+    z.resize(pass_rows * group_outputs);
     Dtype* group_output = output + g * group_outputs * positions;
     for (int start = 0; start < batch.size(); start += pass_rows) {
       const int count = std::min<int>(pass_rows, batch.size() - start);
       for (int r = 0; r < count; ++r) {
         GatherRow(plan->row_channels(), batch[start + r],
-            &rows_[r * row_length]);
+            &rows[r * row_length], work);
         for (int o = 0; o < group_outputs; ++o) {
-          z_[r * group_outputs + o] = initial(o, batch[start + r]);
+          z[r * group_outputs + o] = initial(o, batch[start + r]);
         }
       }
-      plan->EvaluateRows(rows_.data(), count, z_.data(), &effort_);
+      plan->EvaluateRows(rows.data(), count, z.data(), &effort);
       for (int r = 0; r < count; ++r) {
         for (int o = 0; o < group_outputs; ++o) {
           group_output[o * positions + batch[start + r]] =
-              z_[r * group_outputs + o];
+              z[r * group_outputs + o];
         }
       }
     }
@@ -434,22 +442,22 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
         count += !still_quiet;
       }
       const int filled = group_outputs - count;
-      effort_.ops_sdss += compares;
-      effort_.sdss_filled += filled;
-      effort_.macs_skipped_sdss += static_cast<uint64_t>(filled) * fan_in;
+      effort.ops_sdss += compares;
+      effort.sdss_filled += filled;
+      effort.macs_skipped_sdss += static_cast<uint64_t>(filled) * fan_in;
       if (fill_mean) {
-        effort_.ops_sdss += static_cast<uint64_t>(filled) * neighbours;
+        effort.ops_sdss += static_cast<uint64_t>(filled) * neighbours;
       }
       if (count == 0) continue;
       values.resize(count);
       for (int i = 0; i < count; ++i) values[i] = initial(computed[i], p);
       // The significant neurons of this position, on one gathered row.
-      GatherRow(plan->row_channels(), p, row.data());
+      GatherRow(plan->row_channels(), p, row.data(), work);
       if (plan->uses_bound()) {
-        plan->RowMaxima(row.data(), maxima.data(), &effort_);
+        plan->RowMaxima(row.data(), maxima.data(), &effort);
       }
       plan->EvaluateSelected(row.data(), maxima.data(), computed.data(),
-          count, values.data(), &effort_);
+          count, values.data(), &effort);
       for (int i = 0; i < count; ++i) {
         group_output[computed[i] * positions + p] = values[i];
       }
@@ -494,10 +502,39 @@ void DyveConvolutionLayer<Dtype>::Forward_cpu(
           << "; use exact mode only on layers whose input is rectified";
     }
     Dtype* top_data = top[i]->mutable_cpu_data();
-    for (int n = 0; n < this->num_; ++n) {
-      ForwardImage(bottom_data + n * this->bottom_dim_,
-          top_data + n * this->top_dim_);
+    // The images of a batch split over as many threads as BLAS may use; BLAS
+    // runs single-threaded inside them (docs/performance.md).
+    const int blas_threads = BlasThreads();
+    const int threads = std::max(1, std::min(this->num_, blas_threads));
+    works_.resize(std::max<size_t>(works_.size(), threads));
+    if (threads == 1) {
+      ForwardImages(bottom_data, top_data, 0, this->num_, &works_[0]);
+    } else {
+      SetBlasThreads(1);
+      std::vector<std::thread> pool;
+      for (int t = 1; t < threads; ++t) {
+        pool.push_back(std::thread(&DyveConvolutionLayer::ForwardImages, this,
+            bottom_data, top_data, t * this->num_ / threads,
+            (t + 1) * this->num_ / threads, &works_[t]));
+      }
+      ForwardImages(bottom_data, top_data, 0, this->num_ / threads,
+          &works_[0]);
+      for (int t = 0; t < pool.size(); ++t) pool[t].join();
+      SetBlasThreads(blas_threads);
     }
+    for (int t = 0; t < threads; ++t) {
+      effort_.Add(works_[t].effort);
+      works_[t].effort.Reset();
+    }
+  }
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::ForwardImages(const Dtype* bottom,
+    Dtype* top, int begin, int end, ImageWork* work) const {
+  for (int n = begin; n < end; ++n) {
+    ForwardImage(bottom + n * this->bottom_dim_, top + n * this->top_dim_,
+        work);
   }
 }
 

@@ -24,6 +24,19 @@ void DyveEffort::Reset() {
   spet_zeroed = exact_stopped = sdss_filled = sfma_maps = 0;
 }
 
+void DyveEffort::Add(const DyveEffort& other) {
+#define DYVE_ADD(name) name += other.name
+  DYVE_ADD(forward_passes); DYVE_ADD(images); DYVE_ADD(outputs);
+  DYVE_ADD(macs_dense); DYVE_ADD(macs_executed);
+  DYVE_ADD(macs_skipped_spet); DYVE_ADD(macs_skipped_exact);
+  DYVE_ADD(macs_skipped_sdss); DYVE_ADD(macs_skipped_sfma);
+  DYVE_ADD(ops_spet); DYVE_ADD(ops_exact); DYVE_ADD(ops_sdss);
+  DYVE_ADD(ops_sfma);
+  DYVE_ADD(spet_zeroed); DYVE_ADD(exact_stopped); DYVE_ADD(sdss_filled);
+  DYVE_ADD(sfma_maps);
+#undef DYVE_ADD
+}
+
 std::vector<std::pair<std::string, uint64_t> > DyveEffort::Items() const {
   std::vector<std::pair<std::string, uint64_t> > items;
 #define DYVE_ITEM(name) items.push_back(std::make_pair(std::string(#name), name))
@@ -54,6 +67,20 @@ std::string DyveEffort::Summary() const {
       << ", filled by sdss " << sdss_filled << "; maps replaced by sfma "
       << sfma_maps;
   return out.str();
+}
+
+int BlasThreads() {
+#ifdef OPENBLAS_VERSION
+  return openblas_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+void SetBlasThreads(int threads) {
+#ifdef OPENBLAS_VERSION
+  openblas_set_num_threads(threads);
+#endif
 }
 
 bool DyveKnobsOn(const DyveParameter& param) {
@@ -410,18 +437,21 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
     }
     effort->macs_executed +=
         static_cast<uint64_t>(num_rows) * num_output_ * prefix_length_;
+    // Scratch per thread: a layer may evaluate several images at once.
+    static thread_local std::vector<Dtype> maxima, bounds, sums;
+    static thread_local std::vector<int> survivors;
     // BOUND gate: the rows' rest maxima, then every neuron's bound as one
     // small GEMM (rest channels instead of rest taps per neuron).
-    bounds_.assign(bound_ ? num_rows * num_output_ : 0, Dtype(0));
+    bounds.assign(bound_ ? num_rows * num_output_ : 0, Dtype(0));
     if (bound_ && rest_channels_ > 0) {
-      maxima_.resize(num_rows * rest_channels_);
+      maxima.resize(num_rows * rest_channels_);
       for (int r = 0; r < num_rows; ++r) {
-        RowMaxima(rows + r * row_length_, &maxima_[r * rest_channels_],
+        RowMaxima(rows + r * row_length_, &maxima[r * rest_channels_],
             effort);
       }
-      GemmRowsByWeights(num_rows, num_output_, rest_channels_, maxima_.data(),
+      GemmRowsByWeights(num_rows, num_output_, rest_channels_, maxima.data(),
           rest_channels_, rest_positive_.data(), rest_channels_,
-          bounds_.data());
+          bounds.data());
       effort->ops_spet +=
           static_cast<uint64_t>(num_rows) * num_output_ * rest_channels_;
     }
@@ -430,7 +460,7 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
         for (int o = 0; o < num_output_; ++o) {
           Dtype* value = z + r * num_output_ + o;
           *value = Finish(rows + r * row_length_, o, *value,
-              bound_ ? bounds_[r * num_output_ + o] : Dtype(0), effort);
+              bound_ ? bounds[r * num_output_ + o] : Dtype(0), effort);
         }
       }
       return;
@@ -439,16 +469,15 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
     const Dtype threshold = param_.spet().threshold();
     const Dtype scale = param_.spet().bound_scale();
     const int rest_length = row_length_ - prefix_length_;
-    std::vector<int>& survivors = survivors_;
     survivors.resize(num_output_);
-    sums_.resize(num_output_);
+    sums.resize(num_output_);
     for (int r = 0; r < num_rows; ++r) {
       Dtype* zr = z + r * num_output_;
       // Branch-free: about half the neurons are zeroed, in no pattern a
       // branch predictor could follow.
       int count = 0;
       if (bound_) {
-        const Dtype* br = &bounds_[r * num_output_];
+        const Dtype* br = &bounds[r * num_output_];
         for (int o = 0; o < num_output_; ++o) {
           survivors[count] = o;
           count += !(zr[o] + scale * br[o] < threshold);
@@ -471,8 +500,8 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
       effort->macs_skipped_spet += zeroed * rest_length;
       effort->macs_executed += static_cast<uint64_t>(count) * rest_length;
       DotOutputs(rows + r * row_length_ + prefix_length_, prefix_length_,
-          rest_length, survivors.data(), count, sums_.data());
-      for (int j = 0; j < count; ++j) zr[survivors[j]] += sums_[j];
+          rest_length, survivors.data(), count, sums.data());
+      for (int j = 0; j < count; ++j) zr[survivors[j]] += sums[j];
       if (param_.relu()) {  // the zeroed ones are 0 already
         for (int o = 0; o < num_output_; ++o) {
           zr[o] = std::max(zr[o], Dtype(0));
@@ -520,21 +549,21 @@ void DyveNeuronPlan<Dtype>::EvaluateSelected(const Dtype* row,
     }
     return;
   }
-  sums_.resize(std::max<size_t>(sums_.size(), count));
+  static thread_local std::vector<Dtype> sums;  // scratch per thread
+  static thread_local std::vector<int> survivors, kept;
+  sums.resize(std::max<size_t>(sums.size(), count));
   const bool spet = param_.spet().enabled();
   const int prefix = spet ? prefix_length_ : 0;
   // Dense part: the prefix under SPET, else the whole row.
   const int head = spet ? prefix : row_length_;
-  DotOutputs(row, 0, head, outputs, count, sums_.data());
-  for (int i = 0; i < count; ++i) z[i] += sums_[i];
+  DotOutputs(row, 0, head, outputs, count, sums.data());
+  for (int i = 0; i < count; ++i) z[i] += sums[i];
   effort->macs_executed += static_cast<uint64_t>(count) * head;
-  std::vector<int>& survivors = survivors_;
   survivors.clear();
   if (spet) {
     const Dtype threshold = param_.spet().threshold();
     const Dtype scale = param_.spet().bound_scale();
     const int rest_length = row_length_ - prefix;
-    std::vector<int>& kept = kept_;
     kept.clear();
     for (int i = 0; i < count; ++i) {
       Dtype gate = z[i];
@@ -558,8 +587,8 @@ void DyveNeuronPlan<Dtype>::EvaluateSelected(const Dtype* row,
       }
     }
     DotOutputs(row + prefix, prefix, rest_length, kept.data(), kept.size(),
-        sums_.data());
-    for (int j = 0; j < kept.size(); ++j) z[survivors[j]] += sums_[j];
+        sums.data());
+    for (int j = 0; j < kept.size(); ++j) z[survivors[j]] += sums[j];
     effort->macs_executed += static_cast<uint64_t>(kept.size()) * rest_length;
   } else {
     for (int i = 0; i < count; ++i) survivors.push_back(i);

@@ -443,6 +443,50 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSpetBoundGateByHand) {
   EXPECT_GT(zeroed_at_one, 0);  // the exact gate does skip work
 }
 
+TYPED_TEST(DyveConvolutionLayerTest, TestBatchOverThreadsEqualsOneThread) {
+  typedef typename TypeParam::Dtype Dtype;
+  // Five images over up to three threads: outputs and counters as one thread.
+  const ConvShape s = {5, 4, 9, 9, 6, 3, 3, 1, 1, 1, 2, true};
+  this->FillBottom(s, 0, 1);
+  Dtype* map = this->bottom_->mutable_cpu_data() + this->bottom_->offset(1, 2);
+  std::fill(map, map + s.height * s.width, Dtype(0.5));  // an SFMA map
+  LayerParameter param = this->ConvParam(s);
+  DyveParameter* dyve = param.mutable_dyve_param();
+  dyve->set_relu(true);
+  dyve->mutable_spet()->set_enabled(true);
+  dyve->mutable_spet()->set_gate(DyveSpetParameter_Gate_BOUND);
+  dyve->mutable_spet()->set_bound_scale(0.25);
+  dyve->mutable_sdss()->set_enabled(true);
+  dyve->mutable_sfma()->set_enabled(true);
+  const int saved_threads = BlasThreads();
+  std::vector<Dtype> reference;
+  std::vector<std::pair<std::string, uint64_t> > reference_effort;
+  for (int threads = 1; threads <= 3; ++threads) {
+    SetBlasThreads(threads);
+    ASSERT_EQ(BlasThreads(), threads);  // else nothing runs in parallel
+    Caffe::set_random_seed(1704);  // the same weights and bias for every run
+    DyveConvolutionLayer<Dtype> layer(param);
+    layer.SetUp(this->bottom_vec_, this->top_vec_);
+    FillerParameter filler_param;
+    filler_param.set_std(0.5);
+    GaussianFiller<Dtype> filler(filler_param);
+    filler.Fill(layer.blobs()[0].get());
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+    const Dtype* top = this->top_->cpu_data();
+    if (threads == 1) {
+      reference.assign(top, top + this->top_->count());
+      reference_effort = layer.effort().Items();
+      continue;
+    }
+    for (int i = 0; i < this->top_->count(); ++i) {
+      EXPECT_EQ(top[i], reference[i]) << threads << " threads, at " << i;
+    }
+    EXPECT_EQ(layer.effort().Items(), reference_effort) << threads;
+  }
+  SetBlasThreads(saved_threads);
+  EXPECT_GT(reference_effort[9].second, 0);  // ops_spet: SPET did run
+}
+
 TYPED_TEST(DyveConvolutionLayerTest, TestSdssHandMade) {
   typedef typename TypeParam::Dtype Dtype;
   // One 3x3 map through a 1x1 identity kernel: the grid (stride 2) is the

@@ -474,8 +474,6 @@ void DyveConvolutionLayer<Dtype>::Forward_cpu(
     const uint64_t fan_in = this->blobs_[0]->count(1);
     for (int i = 0; i < top.size(); ++i) {
       if (dyve_param_.relu()) {
-        // The count in a local: the loop then vectorises (no reload of the
-        // blob's size through a pointer the stores might alias).
         Dtype* top_data = top[i]->mutable_cpu_data();
         const int count = top[i]->count();
         for (int j = 0; j < count; ++j) {

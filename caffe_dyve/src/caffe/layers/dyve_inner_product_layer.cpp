@@ -63,7 +63,7 @@ void DyveInnerProductLayer<Dtype>::Forward_cpu(
     InnerProductLayer<Dtype>::Forward_cpu(bottom, top);
     if (dyve_param_.relu()) {
       Dtype* top_data = top[0]->mutable_cpu_data();
-      const int count = top[0]->count();  // a local, so the loop vectorises
+      const int count = top[0]->count();
       for (int i = 0; i < count; ++i) {
         top_data[i] = std::max(top_data[i], Dtype(0));
       }

@@ -15,39 +15,31 @@
 
 namespace caffe {
 
+// Every counter of DyveEffort in its fixed order (Items, hence pycaffe and
+// the CLI); Reset and Add follow the same list.
+#define DYVE_EFFORT_FIELDS(X) \
+  X(forward_passes) X(images) X(outputs) X(macs_dense) X(macs_executed) \
+  X(macs_skipped_spet) X(macs_skipped_exact) X(macs_skipped_sdss) \
+  X(macs_skipped_sfma) X(ops_spet) X(ops_exact) X(ops_sdss) X(ops_sfma) \
+  X(spet_zeroed) X(exact_stopped) X(sdss_filled) X(sfma_maps)
+
 void DyveEffort::Reset() {
-  forward_passes = images = outputs = 0;
-  macs_dense = macs_executed = 0;
-  macs_skipped_spet = macs_skipped_exact = macs_skipped_sdss = 0;
-  macs_skipped_sfma = 0;
-  ops_spet = ops_exact = ops_sdss = ops_sfma = 0;
-  spet_zeroed = exact_stopped = sdss_filled = sfma_maps = 0;
+#define DYVE_ZERO(name) name = 0;
+  DYVE_EFFORT_FIELDS(DYVE_ZERO)
+#undef DYVE_ZERO
 }
 
 void DyveEffort::Add(const DyveEffort& other) {
-#define DYVE_ADD(name) name += other.name
-  DYVE_ADD(forward_passes); DYVE_ADD(images); DYVE_ADD(outputs);
-  DYVE_ADD(macs_dense); DYVE_ADD(macs_executed);
-  DYVE_ADD(macs_skipped_spet); DYVE_ADD(macs_skipped_exact);
-  DYVE_ADD(macs_skipped_sdss); DYVE_ADD(macs_skipped_sfma);
-  DYVE_ADD(ops_spet); DYVE_ADD(ops_exact); DYVE_ADD(ops_sdss);
-  DYVE_ADD(ops_sfma);
-  DYVE_ADD(spet_zeroed); DYVE_ADD(exact_stopped); DYVE_ADD(sdss_filled);
-  DYVE_ADD(sfma_maps);
+#define DYVE_ADD(name) name += other.name;
+  DYVE_EFFORT_FIELDS(DYVE_ADD)
 #undef DYVE_ADD
 }
 
 std::vector<std::pair<std::string, uint64_t> > DyveEffort::Items() const {
   std::vector<std::pair<std::string, uint64_t> > items;
-#define DYVE_ITEM(name) items.push_back(std::make_pair(std::string(#name), name))
-  DYVE_ITEM(forward_passes); DYVE_ITEM(images); DYVE_ITEM(outputs);
-  DYVE_ITEM(macs_dense); DYVE_ITEM(macs_executed);
-  DYVE_ITEM(macs_skipped_spet); DYVE_ITEM(macs_skipped_exact);
-  DYVE_ITEM(macs_skipped_sdss); DYVE_ITEM(macs_skipped_sfma);
-  DYVE_ITEM(ops_spet); DYVE_ITEM(ops_exact); DYVE_ITEM(ops_sdss);
-  DYVE_ITEM(ops_sfma);
-  DYVE_ITEM(spet_zeroed); DYVE_ITEM(exact_stopped); DYVE_ITEM(sdss_filled);
-  DYVE_ITEM(sfma_maps);
+#define DYVE_ITEM(name) \
+  items.push_back(std::make_pair(std::string(#name), name));
+  DYVE_EFFORT_FIELDS(DYVE_ITEM)
 #undef DYVE_ITEM
   return items;
 }

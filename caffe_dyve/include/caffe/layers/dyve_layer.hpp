@@ -120,6 +120,9 @@ class DyveNeuronPlan {
   /// offset + n) of output outputs[i]'s weights; four outputs per pass.
   void DotOutputs(const Dtype* x, int offset, int n, const int* outputs,
       int count, Dtype* sums) const;
+  /// The BOUND gate's U for output o from a row's rest maxima (0 without the
+  /// gate or with an empty rest), counted in ops_spet.
+  Dtype RestBound(const Dtype* maxima, int o, DyveEffort* effort) const;
   /// Finishes neuron o after its prefix sum z; `bound` is the BOUND gate's U.
   Dtype Finish(const Dtype* row, int o, Dtype z, Dtype bound,
       DyveEffort* effort) const;

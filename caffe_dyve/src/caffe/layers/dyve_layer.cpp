@@ -558,16 +558,8 @@ void DyveNeuronPlan<Dtype>::EvaluateSelected(const Dtype* row,
     const int rest_length = row_length_ - prefix;
     kept.clear();
     for (int i = 0; i < count; ++i) {
-      Dtype gate = z[i];
-      if (bound_ && rest_channels_ > 0) {
-        const Dtype* positive = &rest_positive_[outputs[i] * rest_channels_];
-        Dtype bound = 0;
-        for (int j = 0; j < rest_channels_; ++j) {
-          bound += positive[j] * maxima[j];
-        }
-        effort->ops_spet += rest_channels_;
-        gate += scale * bound;
-      }
+      const Dtype gate = bound_ ?
+          z[i] + scale * RestBound(maxima, outputs[i], effort) : z[i];
       effort->ops_spet += 1;
       if (gate < threshold) {
         z[i] = 0;
@@ -617,13 +609,18 @@ Dtype DyveNeuronPlan<Dtype>::EvaluateNeuron(const Dtype* row,
       effort->macs_executed += w.size();
     }
   }
+  return Finish(row, o, z, RestBound(maxima, o, effort), effort);
+}
+
+template <typename Dtype>
+Dtype DyveNeuronPlan<Dtype>::RestBound(const Dtype* maxima, int o,
+    DyveEffort* effort) const {
+  if (!bound_ || rest_channels_ == 0) return Dtype(0);
+  const Dtype* positive = &rest_positive_[o * rest_channels_];
   Dtype bound = 0;
-  if (bound_ && rest_channels_ > 0) {
-    const Dtype* positive = &rest_positive_[o * rest_channels_];
-    for (int j = 0; j < rest_channels_; ++j) bound += positive[j] * maxima[j];
-    effort->ops_spet += rest_channels_;
-  }
-  return Finish(row, o, z, bound, effort);
+  for (int j = 0; j < rest_channels_; ++j) bound += positive[j] * maxima[j];
+  effort->ops_spet += rest_channels_;
+  return bound;
 }
 
 template <typename Dtype>

@@ -64,7 +64,7 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   /// What evaluating one image needs for itself; one per thread.
   struct ImageWork {
     std::vector<Dtype> rows, z, sfma_table, padded;
-    std::vector<int> channel_offset;
+    std::vector<int> channel_offset;  // of the row's channels in padded
     DyveNeuronPlan<Dtype> reduced_plan;  // the plan without SFMA's maps
     DyveEffort effort;
   };
@@ -74,13 +74,13 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   void ForwardImages(const Dtype* bottom, Dtype* top, int begin, int end,
       ImageWork* work) const;
   /// Copies one group's input maps into work->padded, zero padding included,
-  /// so that gathering needs no bounds checks.
+  /// so that gathering needs no bounds checks, and sets work->channel_offset
+  /// to where each of the row's channels starts there.
   void PadInput(const Dtype* group_input, int group_channels,
-      ImageWork* work) const;
-  /// Gathers the row of output position p for the live channels of the group
-  /// in work->padded (may write kSlack values past the row).
-  void GatherRow(const std::vector<int>& channels, int p, Dtype* row,
-      ImageWork* work) const;
+      const std::vector<int>& row_channels, ImageWork* work) const;
+  /// Gathers the row of output position p from work (after PadInput); may
+  /// write kSlack values past the row.
+  void GatherRow(int p, Dtype* row, const ImageWork* work) const;
 
   DyveParameter dyve_param_;
   DyveEffort effort_;

@@ -178,7 +178,8 @@ bool UseAvxGather<float>() {
 
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::PadInput(const Dtype* group_input,
-    int group_channels, ImageWork* work) const {
+    int group_channels, const std::vector<int>& row_channels,
+    ImageWork* work) const {
   const int height = this->conv_input_shape_.cpu_data()[1];
   const int width = this->conv_input_shape_.cpu_data()[2];
   const int* pad = this->pad_.cpu_data();
@@ -193,38 +194,39 @@ void DyveConvolutionLayer<Dtype>::PadInput(const Dtype* group_input,
           pad[0]) * padded_width + pad[1]]);
     }
   }
+  // Where each channel of a row starts, once per image and group.
+  work->channel_offset.resize(row_channels.size());
+  for (int k = 0; k < row_channels.size(); ++k) {
+    work->channel_offset[k] = row_channels[k] * padded_height * padded_width;
+  }
 }
 
 template <typename Dtype>
-void DyveConvolutionLayer<Dtype>::GatherRow(const std::vector<int>& channels,
-    int p, Dtype* row, ImageWork* work) const {
+void DyveConvolutionLayer<Dtype>::GatherRow(int p, Dtype* row,
+    const ImageWork* work) const {
   const int* kernel = this->kernel_shape_.cpu_data();
   const int* stride = this->stride_.cpu_data();
   const int* pad = this->pad_.cpu_data();
   const int* dilation = this->dilation_.cpu_data();
-  const int padded_height = this->conv_input_shape_.cpu_data()[1] + 2 * pad[0];
   const int padded_width = this->conv_input_shape_.cpu_data()[2] + 2 * pad[1];
   const int y = p / this->output_shape_[1], x = p % this->output_shape_[1];
   const Dtype* corner =
       work->padded.data() + y * stride[0] * padded_width + x * stride[1];
+  const std::vector<int>& channel_offset = work->channel_offset;
+  const int channels = channel_offset.size();
   const int taps = kernel[0] * kernel[1];
   if (dilation[1] == 1) {
     // Each kernel row is a contiguous run of the padded map.
 #if defined(__x86_64__)
     if (UseAvxGather<Dtype>()) {
-      std::vector<int>& channel_offset = work->channel_offset;
-      channel_offset.resize(channels.size());
-      for (int k = 0; k < channels.size(); ++k) {
-        channel_offset[k] = channels[k] * padded_height * padded_width;
-      }
       GatherRunsAvx(reinterpret_cast<const float*>(corner),
-          channel_offset.data(), channels.size(), kernel[0],
+          channel_offset.data(), channels, kernel[0],
           dilation[0] * padded_width, kernel[1], reinterpret_cast<float*>(row));
       return;
     }
 #endif
-    for (int k = 0; k < channels.size(); ++k) {
-      const Dtype* base = corner + channels[k] * padded_height * padded_width;
+    for (int k = 0; k < channels; ++k) {
+      const Dtype* base = corner + channel_offset[k];
       for (int kh = 0; kh < kernel[0]; ++kh) {
         CopyRun(base + kh * dilation[0] * padded_width, row, kernel[1]);
         row += kernel[1];
@@ -233,8 +235,8 @@ void DyveConvolutionLayer<Dtype>::GatherRow(const std::vector<int>& channels,
     return;
   }
   const int* offset = tap_offset_.data();
-  for (int k = 0; k < channels.size(); ++k) {
-    const Dtype* base = corner + channels[k] * padded_height * padded_width;
+  for (int k = 0; k < channels; ++k) {
+    const Dtype* base = corner + channel_offset[k];
     for (int t = 0; t < taps; ++t) row[t] = base[offset[t]];
     row += taps;
   }
@@ -298,7 +300,6 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
   const int sample = dyve_param_.sdss().stride();
   for (int g = 0; g < groups; ++g) {
     const Dtype* group_input = input + g * group_channels * map_size;
-    PadInput(group_input, group_channels, work);
     const Dtype* group_weights =
         weights + g * group_outputs * group_channels * taps;
     const std::vector<bool> group_constant(
@@ -342,6 +343,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
       effort.ops_sfma += static_cast<uint64_t>(group_outputs) *
           (constant_count * taps + taps);
     }
+    PadInput(group_input, group_channels, plan->row_channels(), work);
     // The initial value of a computed neuron: bias plus the constant maps'
     // contribution over the taps inside the input.
     auto initial = [&](int o, int p) -> Dtype {
@@ -379,8 +381,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
     for (int start = 0; start < batch.size(); start += pass_rows) {
       const int count = std::min<int>(pass_rows, batch.size() - start);
       for (int r = 0; r < count; ++r) {
-        GatherRow(plan->row_channels(), batch[start + r],
-            &rows[r * row_length], work);
+        GatherRow(batch[start + r], &rows[r * row_length], work);
         for (int o = 0; o < group_outputs; ++o) {
           z[r * group_outputs + o] = initial(o, batch[start + r]);
         }
@@ -452,7 +453,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
       values.resize(count);
       for (int i = 0; i < count; ++i) values[i] = initial(computed[i], p);
       // The significant neurons of this position, on one gathered row.
-      GatherRow(plan->row_channels(), p, row.data(), work);
+      GatherRow(p, row.data(), work);
       if (plan->uses_bound()) {
         plan->RowMaxima(row.data(), maxima.data(), &effort);
       }

@@ -118,6 +118,40 @@ class DyveConvolutionLayerTest : public MultiDeviceTest<TypeParam> {
     return sum;
   }
 
+  // New weights after set-up, as CopyTrainedLayersFrom would give: the layer
+  // must derive its orders from these, not from the filler's.
+  static void RefillWeights(Layer<Dtype>* layer) {
+    FillerParameter filler_param;
+    filler_param.set_std(0.5);
+    GaussianFiller<Dtype> filler(filler_param);
+    filler.Fill(layer->blobs()[0].get());
+  }
+
+  // SPET's per-layer order of group g, by hand: channels by summed |W| over
+  // the group's outputs, descending (ties by index).
+  static std::vector<int> LayerOrder(const ConvShape& s, const Dtype* weights,
+      int g) {
+    const int group_channels = s.channels / s.group;
+    const int group_outputs = s.outputs / s.group;
+    const int taps = s.kernel_h * s.kernel_w;
+    std::vector<std::pair<double, int> > significance;
+    for (int c = 0; c < group_channels; ++c) {
+      double total = 0;
+      for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
+        for (int t = 0; t < taps; ++t) {
+          total += std::fabs(weights[(o * group_channels + c) * taps + t]);
+        }
+      }
+      significance.push_back(std::make_pair(-total, c));
+    }
+    std::sort(significance.begin(), significance.end());
+    std::vector<int> order;
+    for (int k = 0; k < group_channels; ++k) {
+      order.push_back(significance[k].second);
+    }
+    return order;
+  }
+
   // What the BOUND gate adds for neuron (n, o, y, x): per channel, its
   // positive weights' sum times the largest input under its taps (0 for a
   // tap in the padding).
@@ -272,15 +306,9 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSpetZeroesExactlyBelowThreshold) {
     spet->set_threshold(threshold);
     DyveConvolutionLayer<Dtype> layer(param);
     layer.SetUp(this->bottom_vec_, this->top_vec_);
-    // Weights set after set-up, as CopyTrainedLayersFrom would: the order
-    // must come from these, not from the filler's.
-    FillerParameter filler_param;
-    filler_param.set_std(0.5);
-    GaussianFiller<Dtype> filler(filler_param);
-    filler.Fill(layer.blobs()[0].get());
+    this->RefillWeights(&layer);
     layer.Forward(this->bottom_vec_, this->top_vec_);
 
-    // The per-layer order by hand: channels by summed |W|, descending.
     const int group_channels = s.channels / s.group;
     const int group_outputs = s.outputs / s.group;
     const int prefix = (group_channels + 1) / 2;  // ceil(0.5 * C)
@@ -289,22 +317,8 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSpetZeroesExactlyBelowThreshold) {
     uint64_t zeroed = 0, executed = 0, ties = 0;
     const int out_h = this->top_->height(), out_w = this->top_->width();
     for (int g = 0; g < s.group; ++g) {
-      std::vector<std::pair<double, int> > significance;
-      for (int c = 0; c < group_channels; ++c) {
-        double total = 0;
-        for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
-          for (int t = 0; t < taps; ++t) {
-            total += std::fabs(w[(o * group_channels + c) * taps + t]);
-          }
-        }
-        significance.push_back(std::make_pair(-total, c));
-      }
-      std::sort(significance.begin(), significance.end());
-      std::vector<int> head, all;
-      for (int k = 0; k < group_channels; ++k) {
-        all.push_back(significance[k].second);
-        if (k < prefix) head.push_back(significance[k].second);
-      }
+      const std::vector<int> all = this->LayerOrder(s, w, g);
+      const std::vector<int> head(all.begin(), all.begin() + prefix);
       for (int n = 0; n < s.num; ++n) {
         for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
           const Dtype b = s.bias ? layer.blobs()[1]->cpu_data()[o] : Dtype(0);
@@ -363,10 +377,7 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSpetBoundGateByHand) {
       spet->set_bound_scale(scale);
       DyveConvolutionLayer<Dtype> layer(param);
       layer.SetUp(this->bottom_vec_, this->top_vec_);
-      FillerParameter filler_param;
-      filler_param.set_std(0.5);
-      GaussianFiller<Dtype> filler(filler_param);
-      filler.Fill(layer.blobs()[0].get());
+      this->RefillWeights(&layer);
       layer.Forward(this->bottom_vec_, this->top_vec_);
       if (scale == 1.f) {
         // Scale 1, threshold 0: zeroes only surely negative neurons.
@@ -382,21 +393,9 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSpetBoundGateByHand) {
       const int out_h = this->top_->height(), out_w = this->top_->width();
       uint64_t zeroed = 0, ties = 0;
       for (int g = 0; g < s.group; ++g) {
-        std::vector<std::pair<double, int> > significance;
-        for (int c = 0; c < group_channels; ++c) {
-          double total = 0;
-          for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
-            for (int t = 0; t < taps; ++t) {
-              total += std::fabs(w[(o * group_channels + c) * taps + t]);
-            }
-          }
-          significance.push_back(std::make_pair(-total, c));
-        }
-        std::sort(significance.begin(), significance.end());
-        std::vector<int> head, tail;
-        for (int k = 0; k < group_channels; ++k) {
-          (k < prefix ? head : tail).push_back(significance[k].second);
-        }
+        const std::vector<int> order = this->LayerOrder(s, w, g);
+        const std::vector<int> head(order.begin(), order.begin() + prefix);
+        const std::vector<int> tail(order.begin() + prefix, order.end());
         for (int n = 0; n < s.num; ++n) {
           for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
             const Dtype b = s.bias ? layer.blobs()[1]->cpu_data()[o] : Dtype(0);
@@ -467,10 +466,7 @@ TYPED_TEST(DyveConvolutionLayerTest, TestBatchOverThreadsEqualsOneThread) {
     Caffe::set_random_seed(1704);  // the same weights and bias for every run
     DyveConvolutionLayer<Dtype> layer(param);
     layer.SetUp(this->bottom_vec_, this->top_vec_);
-    FillerParameter filler_param;
-    filler_param.set_std(0.5);
-    GaussianFiller<Dtype> filler(filler_param);
-    filler.Fill(layer.blobs()[0].get());
+    this->RefillWeights(&layer);
     layer.Forward(this->bottom_vec_, this->top_vec_);
     const Dtype* top = this->top_->cpu_data();
     if (threads == 1) {

@@ -16,7 +16,7 @@ import pytest
 import caffe
 from caffe.proto import caffe_pb2
 
-from dyve import nets, train
+from dyve import data, nets, train
 from dyve.tools import REPO_ROOT
 
 MODELS_DIR = os.path.join(REPO_ROOT, "models")
@@ -138,14 +138,14 @@ def test_model_files_and_facts(net):
     facts = load_facts(net)
     # Binary NetParameter (as Caffe writes) holding the weights of every learnable layer.
     with open(model_path(net, "caffemodel"), "rb") as f:
-        data = f.read()
+        serialized = f.read()
     weights = caffe_pb2.NetParameter()
-    weights.ParseFromString(data)
+    weights.ParseFromString(serialized)
     with_blobs = {layer.name for layer in weights.layer if layer.blobs}
     deploy = nets.build(net, "deploy")
     assert with_blobs == {layer.name for layer in deploy.layer
                           if layer.type in ("Convolution", "InnerProduct")}
-    assert facts["caffemodel_sha256"] == train.file_digest(model_path(net, "caffemodel"))
+    assert facts["caffemodel_sha256"] == data.file_digest(model_path(net, "caffemodel"))
     # The recorded accuracy: plausible, the same for both forms, and what the README says.
     test = facts["test"]
     assert test["images"] == 10000

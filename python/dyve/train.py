@@ -24,7 +24,6 @@ to our shortened ``cifar10_full_short`` (6,000 + 1,000, see CIFAR10_SCHEDULES in
 """
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ import time
 # full INFO log back in caffe_env.
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from dyve import files, nets  # noqa: E402
+from dyve import data, files, nets  # noqa: E402
 from dyve.tools import REPO_ROOT, caffe_tool  # noqa: E402
 
 NETS = ("cifar10_quick", "cifar10_full")
@@ -79,14 +78,6 @@ def cpu_model():
 def _f(value):
     """A float32 proto field as the decimal it was written as (0.9, not 0.899999976)."""
     return float(f"{value:.7g}")
-
-
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def caffe_env(threads):
@@ -342,7 +333,7 @@ def train(net, schedule_key=None, threads=2, keep_snapshots=False, argv=None):
         wall_s=round(time.time() - started, 1),
         finished=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         caffemodel=model,
-        caffemodel_sha256=file_digest(os.path.join(REPO_ROOT, model)),
+        caffemodel_sha256=data.file_digest(os.path.join(REPO_ROOT, model)),
         test=dict(images=TEST_ITERATIONS * train_val.layer[1].data_param.batch_size,
                   iterations=TEST_ITERATIONS,
                   stock_model=net_prototxt, dyve_model=dyve_prototxt,

@@ -35,46 +35,47 @@ def generate(with_dyve=None):
     with_dyve is False (default: when caffe_pb2 supports them)."""
     if with_dyve is None:
         with_dyve = dyve_supported()
-    files = {}
+    messages = {}
     for name in nets.NETS:
         for form in nets.FORMS:
-            files[f"{name}_{form}.prototxt"] = nets.build(name, form)
+            messages[f"{name}_{form}.prototxt"] = nets.build(name, form)
             if with_dyve:
-                files[f"{name}_dyve_{form}.prototxt"] = nets.build(name, form, dyve={})
+                messages[f"{name}_dyve_{form}.prototxt"] = nets.build(name, form, dyve={})
     for schedule, recipe in nets.CIFAR10_SCHEDULES.items():
         for stage in range(len(recipe["stages"])):
-            files[nets.solver_file(schedule, stage)] = nets.cifar10_solver(schedule, stage)
-    return {fname: HEADER + nets.to_text(message) for fname, message in files.items()}
+            messages[nets.solver_file(schedule, stage)] = nets.cifar10_solver(schedule, stage)
+    return {fname: HEADER + nets.to_text(message) for fname, message in messages.items()}
 
 
-def write_atomic(path, text):
-    """Write `text` to `path` atomically; returns False (and writes nothing) when the file
-    already holds exactly that text."""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            if f.read() == text:
-                return False
+def holds(path, text):
+    """Whether the file `path` exists and holds exactly `text`."""
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        return f.read() == text
+
+
+def write_if_changed(path, text):
+    """Write `text` to `path` (atomically) unless the file already holds exactly that
+    text; returns whether it wrote."""
+    if holds(path, text):
+        return False
     files.write_atomic(path, text)
     return True
 
-def write_all(out_dir, files):
+
+def write_all(out_dir, texts):
+    """Write the files of `texts` ({file name: text}) that changed to out_dir; returns
+    their names."""
     os.makedirs(out_dir, exist_ok=True)
-    return [fname for fname, text in sorted(files.items())
-            if write_atomic(os.path.join(out_dir, fname), text)]
+    return [fname for fname, text in sorted(texts.items())
+            if write_if_changed(os.path.join(out_dir, fname), text)]
 
 
-def stale_files(out_dir, files):
-    """Names of the files of `files` missing from out_dir or with other content."""
-    stale = []
-    for fname, text in sorted(files.items()):
-        path = os.path.join(out_dir, fname)
-        if not os.path.exists(path):
-            stale.append(fname)
-            continue
-        with open(path, encoding="utf-8") as f:
-            if f.read() != text:
-                stale.append(fname)
-    return stale
+def stale_files(out_dir, texts):
+    """Names of the files of `texts` missing from out_dir or with other content."""
+    return [fname for fname, text in sorted(texts.items())
+            if not holds(os.path.join(out_dir, fname), text)]
 
 
 def main(argv=None):
@@ -89,13 +90,13 @@ def main(argv=None):
     if not dyve_supported():
         print("warning: caffe_pb2 has no dyve_param (rebuild Caffe); DyVE forms skipped",
               file=sys.stderr)
-    files = generate()
+    texts = generate()
     if args.check:
-        stale = stale_files(args.out_dir, files)
+        stale = stale_files(args.out_dir, texts)
         for fname in stale:
             print(f"differs or missing: {os.path.join(args.out_dir, fname)}")
         return 1 if stale else 0
-    for fname in write_all(args.out_dir, files):
+    for fname in write_all(args.out_dir, texts):
         print(f"wrote {os.path.join(args.out_dir, fname)}")
     return 0
 

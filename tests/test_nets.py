@@ -1,4 +1,4 @@
-"""Tests of python/dyve/nets.py and python/dyve/gen_prototxt.py.
+"""Tests of python/dyve/nets.py, rewrite.py (the DyVE form) and gen_prototxt.py.
 
 Run with /usr/bin/python3 -m pytest and
 PYTHONPATH=build/caffe-src/python:python (pycaffe and the dyve package).
@@ -14,7 +14,8 @@ import caffe
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
-from dyve import gen_prototxt, nets
+from dyve import gen_prototxt, nets, rewrite
+from dyve import settings as dyve_settings
 from dyve.tools import REPO_ROOT, caffe_source_file
 
 PROTOTXT_DIR = os.path.join(REPO_ROOT, "prototxt")
@@ -273,7 +274,7 @@ def test_dyve_form_converts_rectified_layers(name, form):
     assert converted == EXPECTED_DYVE_LAYERS[name]
     for mine, theirs in zip(dyve.layer, stock.layer):
         if mine.name in converted:
-            assert mine.type == nets.DYVE_TYPES[theirs.type]
+            assert mine.type == dyve_settings.STOCK_TO_DYVE[theirs.type]
             # All knobs off: relu only.
             assert mine.dyve_param == caffe_pb2.DyveParameter(relu=True)
             mine.type = theirs.type
@@ -299,7 +300,7 @@ def test_dyve_settings_applied():
     assert params["conv1"] == caffe_pb2.DyveParameter(relu=True)
     # to_dyve leaves its input alone.
     stock = nets.alexnet("deploy")
-    nets.to_dyve(stock, settings)
+    rewrite.to_dyve(stock, settings)
     assert all(layer.type in ("Input", "Convolution", "ReLU", "LRN", "Pooling",
                               "InnerProduct", "Dropout", "Softmax") for layer in stock.layer)
 
@@ -310,9 +311,64 @@ def test_dyve_settings_on_wrong_layer_rejected(bad_layer):
         nets.cifar10_quick("deploy", dyve={bad_layer: {}})
 
 
-def test_dyve_bad_field_rejected():
-    with pytest.raises(ValueError, match="'conv1'"):
-        nets.cifar10_quick("deploy", dyve={"conv1": {"spet": {"fractoin": 0.5}}})
+@pytest.mark.parametrize("knobs,field", [
+    ({"spet": {"fractoin": 0.5}}, "spet.fractoin"),  # unknown fields
+    ({"spte": {"enabled": True}}, "spte"),
+    ({"spet": {"fraction": 0}}, "spet.fraction"),  # would abort Caffe's layer setup
+    ({"spet": {"check_interval": 0}}, "spet.check_interval"),
+    ({"spet": {"ordering": "PER_NEURON"}}, "spet.ordering"),
+    ({"sdss": {"stride": 2.5}}, "sdss.stride"),
+    ({"sfma": {"threshold": -1}}, "sfma.threshold"),
+    ({"relu": "yes"}, "relu"),  # forced on, but still a bool
+    ({"spet": {"gate": "BOUND"}}, "spet.gate"),  # BOUND needs spet.enabled
+    ("spet", "dict"),
+])
+def test_dyve_bad_setting_rejected(knobs, field):
+    with pytest.raises(ValueError, match=f"'conv2'.*{field}"):
+        nets.cifar10_quick("deploy", dyve={"conv2": knobs})
+
+
+@pytest.mark.parametrize("knobs,field", [
+    ({"sdss": {"enabled": True}}, "sdss"),
+    ({"sfma": {"enabled": True}}, "sfma"),
+    ({"spet": {"enabled": True, "gate": "BOUND"}}, "spet.gate"),
+])
+def test_dyve_convolution_knobs_rejected_on_inner_product(knobs, field):
+    with pytest.raises(ValueError, match=f"'fc6'.*{field}"):
+        nets.alexnet("deploy", dyve={"fc6": knobs})
+    nets.alexnet("deploy", dyve={"conv5": knobs})  # fine on a convolution
+
+
+def dyve_params(net):
+    return {layer.name: layer.dyve_param for layer in net.layer if layer.HasField("dyve_param")}
+
+
+def test_dyve_settings_accept_numpy_scalars():
+    plain = {"spet": {"enabled": True, "fraction": 0.25, "check_interval": 8,
+                      "threshold": -0.5},
+             "sdss": {"enabled": True, "stride": 3}}
+    numpy = {"spet": {"enabled": np.bool_(True), "fraction": np.float32(0.25),
+                      "check_interval": np.int64(8), "threshold": np.float64(-0.5)},
+             "sdss": {"enabled": np.True_, "stride": np.uint8(3)}}
+    expected = dyve_params(nets.cifar10_quick("deploy", dyve={"conv2": plain}))["conv2"]
+    got = dyve_params(nets.cifar10_quick("deploy", dyve={"conv2": numpy}))["conv2"]
+    assert got == expected
+    assert got.spet.fraction == 0.25 and got.spet.check_interval == 8 and got.sdss.stride == 3
+
+
+def test_dyve_param_holds_only_non_default_fields():
+    """Settings are written normalized: values equal to the proto defaults are left out,
+    so spelling out a default gives the same prototxt as leaving it out."""
+    net = nets.cifar10_quick("deploy", dyve={
+        "conv1": {"relu": True, "spet": {"enabled": False, "fraction": 0.5},
+                  "sdss": {"fill": "MEAN"}},
+        "conv2": {"spet": {"enabled": True, "ordering": "PER_LAYER", "threshold": 0.1}}})
+    params = dyve_params(net)
+    assert params["conv1"] == caffe_pb2.DyveParameter(relu=True)
+    assert not params["conv1"].HasField("spet") and not params["conv1"].HasField("sdss")
+    assert params["conv2"] == caffe_pb2.DyveParameter(
+        relu=True, spet=caffe_pb2.DyveSpetParameter(enabled=True, threshold=0.1))
+    assert not params["conv2"].spet.HasField("ordering")
 
 
 def test_dyve_form_loads_stock_weights(tmp_path):

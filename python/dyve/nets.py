@@ -10,7 +10,7 @@ One function per architecture returns a caffe_pb2.NetParameter for a `form`:
   ``Softmax`` named "prob".
 
 ``dyve=None`` gives the stock net; a dict (``{}`` = all knobs off) gives the DyVE form, made
-by :func:`to_dyve` from the stock NetParameter, so no architecture is written twice.
+by dyve.rewrite.to_dyve from the stock NetParameter, so no architecture is written twice.
 Paths in the train_val form are relative to the repository root (run Caffe from there).
 
 Common keyword arguments of the net functions: `train_source` / `test_source` (LMDB
@@ -18,14 +18,13 @@ directories), `mean_file` (binaryproto), `batch_size` = (train, test) batch of t
 layers, `deploy_batch` = batch dimension of the deploy Input (as Caffe's deploy files: 1
 for CIFAR-10, 10 for the ImageNet nets; pass 1 for per-image inference).
 """
-import copy
-
 import caffe
 from caffe import layers as L
 from caffe import params as P
 from caffe.proto import caffe_pb2
-from google.protobuf import json_format
 from google.protobuf import text_format
+
+from dyve import rewrite
 
 FORMS = ("train_val", "deploy")
 
@@ -35,9 +34,6 @@ CIFAR10_MEAN = "data/cifar10/mean.binaryproto"
 IMAGENET_TRAIN_LMDB = "data/imagenet/ilsvrc12_train_lmdb"
 IMAGENET_VAL_LMDB = "data/imagenet/ilsvrc12_val_lmdb"
 IMAGENET_MEAN = "data/imagenet/mean.binaryproto"
-
-# Stock layer type -> its DyVE counterpart (caffe_dyve's C++ layers).
-DYVE_TYPES = {"Convolution": "DyveConvolution", "InnerProduct": "DyveInnerProduct"}
 
 # Learning-rate / decay multipliers of the weight and bias blobs.
 _LR_1_2 = [dict(lr_mult=1), dict(lr_mult=2)]  # Caffe's CIFAR-10 examples
@@ -102,7 +98,7 @@ def _finish(n, name, form, scores, data_layers, top5=False, dyve=None):
     net = caffe_pb2.NetParameter(name=name)
     net.layer.extend(body)
     if dyve is not None:
-        net = to_dyve(net, dyve)
+        net = rewrite.to_dyve(net, dyve)
     return net
 
 
@@ -442,99 +438,6 @@ def build(name, form="train_val", dyve=None, **kwargs):
     if name not in NETS:
         raise ValueError(f"unknown net {name!r}; known: {', '.join(NETS)}")
     return NETS[name](form=form, dyve=dyve, **kwargs)
-
-
-# --------------------------------------------------------------------------- DyVE form
-
-def _readers(net, index, blob):
-    """Indices of the layers after `index` that read `blob`, up to (including) one that
-    rewrites it out of place (after that the name holds something else)."""
-    found = []
-    for j in range(index + 1, len(net.layer)):
-        layer = net.layer[j]
-        if blob in layer.bottom:
-            found.append(j)
-        if blob in layer.top and blob not in layer.bottom:
-            break
-    return found
-
-
-def _through_relu(net, index):
-    """Whether the single output of layer `index` is read first by a ReLU that rectifies
-    it for every reader: in place, or out of place as its only reader."""
-    layer = net.layer[index]
-    readers = _readers(net, index, layer.top[0]) if len(layer.top) == 1 else []
-    if not readers or net.layer[readers[0]].type != "ReLU":
-        return False
-    relu = net.layer[readers[0]]
-    return relu.top[0] == layer.top[0] or len(readers) == 1
-
-
-def _rectified(net, index):
-    """Whether the output of layer `index` only reaches the rest of the net through a
-    ReLU, directly or after a max-pool (max commutes with ReLU: relu(max x) =
-    max(relu x)), so fusing the ReLU into the layer changes nothing downstream."""
-    if _through_relu(net, index):
-        return True
-    layer = net.layer[index]
-    readers = _readers(net, index, layer.top[0]) if len(layer.top) == 1 else []
-    if len(readers) != 1:
-        return False
-    pool = net.layer[readers[0]]
-    return (pool.type == "Pooling" and len(pool.top) == 1
-            and pool.pooling_param.pool == caffe_pb2.PoolingParameter.MAX
-            and _through_relu(net, readers[0]))
-
-
-def dyve_layers(net):
-    """Names of the layers of `net` (a NetParameter) that the DyVE form converts: every
-    Convolution / InnerProduct whose output is rectified (see _rectified)."""
-    return [layer.name for i, layer in enumerate(net.layer)
-            if layer.type in DYVE_TYPES and _rectified(net, i)]
-
-
-def to_dyve(net, settings=None):
-    """The DyVE form of the stock NetParameter `net` (a new message; `net` is untouched).
-
-    Every layer and layer name is kept, ReLU layers included (they are no-ops on the
-    rectified output). Each layer of dyve_layers(net) becomes DyveConvolution /
-    DyveInnerProduct with the same param/convolution_param/inner_product_param and
-    `dyve_param { relu: true }` merged with settings[name], a dict using the field names of
-    DyveParameter (caffe_dyve/proto/messages.proto), e.g.
-    {"conv2": {"spet": {"enabled": True, "fraction": 0.5}}}; enums as strings
-    ("PER_OUTPUT"). `relu` is always forced to true. Raises ValueError naming the layer
-    for settings on a layer that does not exist, is not DyVE-able, or has a bad field.
-    """
-    if "dyve_param" not in caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name:
-        raise RuntimeError("this caffe_pb2 has no LayerParameter.dyve_param: rebuild Caffe "
-                           "with caffe_dyve's caffe.proto")
-    settings = dict(settings or {})
-    out = copy.deepcopy(net)
-    convertible = set(dyve_layers(out))
-    names = {layer.name for layer in out.layer}
-    for name in settings:
-        if name not in names:
-            raise ValueError(f"DyVE settings for layer '{name}', which is not in net "
-                             f"'{net.name}'")
-        if name not in convertible:
-            raise ValueError(f"DyVE settings for layer '{name}' of net '{net.name}', which is "
-                             f"not a DyVE layer (one of: {', '.join(sorted(convertible))})")
-    for layer in out.layer:
-        if layer.name not in convertible:
-            continue
-        layer.type = DYVE_TYPES[layer.type]
-        knobs = settings.get(layer.name) or {}
-        if not isinstance(knobs, dict):
-            raise ValueError(f"DyVE settings for layer '{layer.name}' must be a dict, "
-                             f"got {type(knobs).__name__}")
-        try:
-            json_format.ParseDict(knobs, layer.dyve_param)
-        except json_format.ParseError as error:
-            raise ValueError(f"bad DyVE settings for layer '{layer.name}': {error}") from None
-        layer.dyve_param.relu = True  # SPET and SDSS need rectified outputs
-    if out.name:
-        out.name = out.name + "_DyVE"
-    return out
 
 
 # --------------------------------------------------------------------------- solvers

@@ -1,4 +1,4 @@
-"""Tests of python/dyve/nets.py, rewrite.py (the DyVE form) and gen_prototxt.py.
+"""Tests of python/dyve/nets.py, rewrite.py (the DyVE form), solvers.py and gen_prototxt.py.
 
 Run with /usr/bin/python3 -m pytest and
 PYTHONPATH=build/caffe-src/python:python (pycaffe and the dyve package).
@@ -14,7 +14,7 @@ import caffe
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
-from dyve import gen_prototxt, nets, rewrite
+from dyve import gen_prototxt, nets, rewrite, solvers
 from dyve import settings as dyve_settings
 from dyve.tools import REPO_ROOT, caffe_source_file
 
@@ -116,12 +116,12 @@ def test_train_val_data_paths_are_parameters():
 @pytest.mark.parametrize("key", sorted(ORIGINAL_SOLVER))
 def test_cifar10_solvers_follow_caffe(key):
     name, stage = key
-    ours = nets.cifar10_solver(name, stage)
+    ours = solvers.cifar10_solver(name, stage)
     original = caffe_pb2.SolverParameter()
     with open(caffe_source_file("examples", "cifar10", ORIGINAL_SOLVER[key])) as f:
         text_format.Merge(f.read(), original)
     assert ours.net == f"prototxt/{name}_train_val.prototxt"
-    assert ours.random_seed == nets.RANDOM_SEED
+    assert ours.random_seed == solvers.RANDOM_SEED
     assert ours.solver_mode == caffe_pb2.SolverParameter.CPU
     for field in ("net", "snapshot_prefix", "random_seed", "solver_mode"):
         ours.ClearField(field)

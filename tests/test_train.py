@@ -16,7 +16,7 @@ import pytest
 import caffe
 from caffe.proto import caffe_pb2
 
-from dyve import data, nets, train
+from dyve import data, nets, solvers, train
 from dyve.tools import REPO_ROOT
 
 MODELS_DIR = os.path.join(REPO_ROOT, "models")
@@ -88,24 +88,36 @@ def test_unknown_schedule_rejected_before_training(capsys):
     ("cifar10_full", "cifar10_full_short", [(0.001, 6000), (0.0001, 7000)]),
 ])
 def test_default_schedules(net, schedule, stages):
-    assert train.SCHEDULES[net][train.DEFAULT_SCHEDULE[net]] == schedule
-    assert nets.schedule_net(schedule) == net
-    solvers = train.stage_solvers(schedule)  # also checks prototxt/ against the generator
-    assert [(pytest.approx(s.base_lr), s.max_iter) for _, s in solvers] == stages
-    for path, solver in solvers:
+    assert solvers.pick(net) == schedule
+    assert solvers.schedule_net(schedule) == net
+    stages_read = train.stage_solvers(schedule)  # also checks prototxt/ against the generator
+    assert [(pytest.approx(s.base_lr), s.max_iter) for _, s in stages_read] == stages
+    for path, solver in stages_read:
         assert solver.net == f"prototxt/{net}_train_val.prototxt"
         assert solver.snapshot_prefix.startswith("build/train/")  # git-ignored
-        assert solver.random_seed == nets.RANDOM_SEED
+        assert solver.random_seed == solvers.RANDOM_SEED
+
+
+def test_schedule_options():
+    assert solvers.OPTIONS == ("full", "short")
+    assert solvers.pick("cifar10_quick", "full") == "cifar10_quick"
+    assert solvers.pick("cifar10_full", "full") == "cifar10_full"
+    assert solvers.pick("cifar10_full", "short") == "cifar10_full_short"
+    with pytest.raises(ValueError, match="no 'short' schedule"):
+        solvers.pick("cifar10_quick", "short")
+    with pytest.raises(ValueError, match="alexnet"):
+        solvers.pick("alexnet")
+    assert train.NETS == ("cifar10_quick", "cifar10_full")
 
 
 def test_short_schedule_keeps_full_recipe_settings():
-    short = nets.cifar10_solver("cifar10_full_short", 0)
-    full = nets.cifar10_solver("cifar10_full", 0)
+    short = solvers.cifar10_solver("cifar10_full_short", 0)
+    full = solvers.cifar10_solver("cifar10_full", 0)
     for field in ("momentum", "weight_decay", "lr_policy", "random_seed", "test_interval",
                   "display", "snapshot_format", "net"):
         assert getattr(short, field) == getattr(full, field), field
     # Stage 1 resumes at stage 0's last iteration with lr / 10, as in Caffe's recipe.
-    lr1 = nets.cifar10_solver("cifar10_full_short", 1)
+    lr1 = solvers.cifar10_solver("cifar10_full_short", 1)
     assert lr1.base_lr == pytest.approx(short.base_lr / 10)
 
 
@@ -158,7 +170,7 @@ def test_model_files_and_facts(net):
     assert float(table["stock"]) == pytest.approx(test["top1_stock"], abs=5e-5)
     assert float(table["DyVE, all knobs off"]) == pytest.approx(test["top1_dyve"], abs=5e-5)
     assert facts["command"] in readme and facts["caffemodel_sha256"] in readme
-    assert facts["net"] == net and facts["random_seed"] == nets.RANDOM_SEED
+    assert facts["net"] == net and facts["random_seed"] == solvers.RANDOM_SEED
     assert facts["total_iterations"] == facts["stages"][-1]["max_iter"]
 
 

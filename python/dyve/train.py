@@ -6,7 +6,7 @@
 Runs ``caffe train`` stage by stage, as Caffe's examples/cifar10/train_quick.sh and
 train_full.sh do: stage 0 with ``prototxt/<schedule>_solver.prototxt``, then each
 ``<schedule>_solver_lr<k>.prototxt`` resumed (``--snapshot``) from the previous stage's
-solver state. The solvers (generated from dyve/nets.py) fix the random seed and snapshot
+solver state. The solvers (generated from dyve/solvers.py) fix the random seed and snapshot
 into the git-ignored ``build/train/``. Every command runs from the repository root (the
 prototxts' paths are relative to it) with OPENBLAS_NUM_THREADS set explicitly.
 
@@ -19,7 +19,7 @@ deleted unless ``--keep-snapshots``. Progress (Caffe's iteration and test lines)
 stdout; Caffe's whole log to ``build/train/<net>.caffe.log``.
 
 Schedules: ``cifar10_quick`` = Caffe's 4,000 + 1,000 iterations; ``cifar10_full`` defaults
-to our shortened ``cifar10_full_short`` (6,000 + 1,000, see CIFAR10_SCHEDULES in nets.py);
+to our shortened ``cifar10_full_short`` (6,000 + 1,000, see SCHEDULES in solvers.py);
 ``--schedule full`` runs Caffe's 60,000 + 5,000 + 5,000.
 """
 import argparse
@@ -37,17 +37,10 @@ import time
 # full INFO log back in caffe_env.
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from dyve import data, files, nets  # noqa: E402
+from dyve import data, files, nets, solvers  # noqa: E402
 from dyve.tools import REPO_ROOT, caffe_tool  # noqa: E402
 
-NETS = ("cifar10_quick", "cifar10_full")
-# --schedule value -> the CIFAR10_SCHEDULES key, per net. "short" is the default where the
-# original recipe takes hours on a small CPU machine.
-SCHEDULES = {
-    "cifar10_quick": {"full": "cifar10_quick"},
-    "cifar10_full": {"short": "cifar10_full_short", "full": "cifar10_full"},
-}
-DEFAULT_SCHEDULE = {"cifar10_quick": "full", "cifar10_full": "short"}
+NETS = solvers.NETS  # the nets with a schedule (solvers.SCHEDULES, also for --schedule)
 WORK_DIR = os.path.join("build", "train")  # relative to REPO_ROOT, git-ignored
 MODELS_DIR = "models"
 TEST_ITERATIONS = 100  # x test batch 100 = the 10,000 CIFAR-10 test images
@@ -160,13 +153,13 @@ def stage_solvers(schedule):
     """[(file, SolverParameter)] of the schedule's stages, read from prototxt/ and checked
     against the generator so a stale file cannot train something else than recorded."""
     stages = []
-    for stage in range(len(nets.CIFAR10_SCHEDULES[schedule]["stages"])):
-        path = os.path.join("prototxt", nets.solver_file(schedule, stage))
+    for fname, expected in solvers.stage_files(schedule):
+        path = os.path.join("prototxt", fname)
         if not os.path.exists(os.path.join(REPO_ROOT, path)):
             raise TrainError(f"{path} is missing; run 'python3 -m dyve.gen_prototxt'")
         solver = load_solver(path)
-        if solver != nets.cifar10_solver(schedule, stage):
-            raise TrainError(f"{path} differs from dyve.nets; run "
+        if solver != expected:
+            raise TrainError(f"{path} differs from dyve.solvers; run "
                              f"'python3 -m dyve.gen_prototxt'")
         stages.append((path, solver))
     return stages
@@ -188,9 +181,10 @@ def to_binary_caffemodel(weights, net_prototxt, out):
         net.save(tmp)
 
 
-def remove_snapshots(solvers):
-    """Delete the snapshots written by these solvers (any iteration, either format)."""
-    for _, solver in solvers:
+def remove_snapshots(stages):
+    """Delete the snapshots written by the solvers of `stages` ([(path, SolverParameter)]),
+    any iteration, either format."""
+    for _, solver in stages:
         directory, prefix = os.path.split(os.path.join(REPO_ROOT, solver.snapshot_prefix))
         if not os.path.isdir(directory):
             continue
@@ -239,23 +233,22 @@ def train(net, schedule_key=None, threads=2, keep_snapshots=False, argv=None):
     """Train `net` on its schedule, write models/<net>.{caffemodel,json,md}; returns the
     facts dict."""
     started = time.time()
-    schedule_key = schedule_key or DEFAULT_SCHEDULE[net]
-    if schedule_key not in SCHEDULES[net]:
-        raise TrainError(f"{net} has no '{schedule_key}' schedule "
-                         f"(one of: {', '.join(SCHEDULES[net])})")
-    schedule = SCHEDULES[net][schedule_key]
-    solvers = stage_solvers(schedule)
+    try:
+        schedule = solvers.pick(net, schedule_key)
+    except ValueError as error:
+        raise TrainError(str(error)) from None
+    plan = stage_solvers(schedule)
     work_dir = os.path.join(REPO_ROOT, WORK_DIR)
     os.makedirs(work_dir, exist_ok=True)  # Caffe does not create the snapshot directory
-    for _, solver in solvers:
+    for _, solver in plan:
         os.makedirs(os.path.dirname(os.path.join(REPO_ROOT, solver.snapshot_prefix)),
                     exist_ok=True)
     # Old snapshots of an earlier run would be resumed from by mistake.
-    remove_snapshots(solvers)
+    remove_snapshots(plan)
     log_path = os.path.join(work_dir, f"{net}.caffe.log")
     stages, lines, previous = [], [], None
     with open(log_path, "w", buffering=1) as log:  # line-buffered: tail -f works
-        for stage, (path, solver) in enumerate(solvers):
+        for stage, (path, solver) in enumerate(plan):
             args = ["train", f"--solver={path}"]
             if previous is not None:
                 args.append(f"--snapshot={snapshot_path(previous, 'solverstate')}")
@@ -292,9 +285,9 @@ def train(net, schedule_key=None, threads=2, keep_snapshots=False, argv=None):
             top1[form] = out["accuracy"]
             print(f"   top-1 = {top1[form]:.4f}", flush=True)
     if not keep_snapshots:
-        remove_snapshots(solvers)
+        remove_snapshots(plan)
 
-    base = nets.cifar10_solver(schedule, 0)
+    base = solvers.cifar10_solver(schedule, 0)
     train_val = nets.build(net, "train_val")
     batch_size = train_val.layer[0].data_param.batch_size
     data_json = os.path.join(REPO_ROOT, "data", "cifar10", "cifar10.json")
@@ -310,8 +303,9 @@ def train(net, schedule_key=None, threads=2, keep_snapshots=False, argv=None):
         net=net,
         command=command,
         schedule=schedule,
-        schedule_note=("Caffe's original recipe" if schedule_key == "full"
-                       else "shortened; see CIFAR10_SCHEDULES in python/dyve/nets.py"),
+        schedule_note=("Caffe's original recipe"
+                       if solvers.SCHEDULES[schedule]["option"] == "full"
+                       else "shortened; see SCHEDULES in python/dyve/solvers.py"),
         train_val=net_prototxt,
         solvers=[s["solver"] for s in stages],
         random_seed=base.random_seed,
@@ -359,7 +353,7 @@ def main(argv=None):
     parser.add_argument("net", choices=NETS)
     parser.add_argument("--threads", type=int, default=2,
                         help="OPENBLAS_NUM_THREADS for caffe (default 2)")
-    parser.add_argument("--schedule", choices=("short", "full"), default=None,
+    parser.add_argument("--schedule", choices=solvers.OPTIONS, default=None,
                         help="'full' = Caffe's original recipe; 'short' = our shortened one "
                              "(cifar10_full only). Default: full for cifar10_quick, short "
                              "for cifar10_full")

@@ -18,8 +18,10 @@ from google.protobuf import text_format
 import caffe
 from caffe.proto import caffe_pb2
 
-from dyve import live, tune
-from dyve.tune import TuneError
+from dyve import caffe_io, ladders, live, tune
+from dyve import settings as dyve_settings
+from dyve.errors import DyveError
+from dyve.evaluator import Evaluator
 
 N_IMAGES = 200
 SHAPE = (3, 8, 8)
@@ -177,7 +179,7 @@ def test_pareto_ladder():
     # (ops, loss, bound): 1 is dominated by 2, 3 is over budget, 4 saves nothing
     points = [(9.0, 0.0, 0.1), (8.0, 0.4, 0.4), (7.0, 0.2, 0.3), (5.0, 0.1, 9.0),
               (10.0, 0.0, 0.0), (6.0, 0.3, 0.45)]
-    assert tune.pareto_ladder(points, floor_ops=10.0, budget=0.5) == [0, 2, 5]
+    assert ladders.pareto_ladder(points, floor_ops=10.0, budget=0.5) == [0, 2, 5]
 
 
 # ---------------------------------------------------------------------------- known answers
@@ -265,45 +267,45 @@ def test_train_val_copy(tiny, tmp_path):
 # ---------------------------------------------------------------------------- refusals
 
 def test_missing_weights(tiny, tmp_path):
-    with pytest.raises(TuneError, match="no_such.caffemodel"):
+    with pytest.raises(DyveError, match="no_such.caffemodel"):
         tune.tune(tiny["model"], str(tmp_path / "no_such.caffemodel"), tiny["calib"],
                   out_dir=str(tmp_path), progress=False)
 
 
 def test_mismatched_blob_shape(tiny, tmp_path):
     proto = write(tmp_path / "wide.prototxt", stock_text(conv2_out=6))
-    with pytest.raises(TuneError, match=r"layer 'conv2' blob 0"):
+    with pytest.raises(DyveError, match=r"layer 'conv2' blob 0"):
         tune.tune(proto, tiny["weights"], tiny["calib"], mean=MEAN, out_dir=str(tmp_path),
                   progress=False)
 
 
 def test_dyve_layer_without_weights(tiny, tmp_path):
     weights, _ = make_weights(tmp_path, conv3_name="other", name="other.caffemodel")
-    with pytest.raises(TuneError, match=r"DyVE layer 'conv3' has no weights"):
+    with pytest.raises(DyveError, match=r"DyVE layer 'conv3' has no weights"):
         tune.tune(tiny["model"], weights, tiny["calib"], mean=MEAN, out_dir=str(tmp_path),
                   progress=False)
 
 
 def test_not_a_caffemodel(tiny, tmp_path):
     bad = write(tmp_path / "bad.caffemodel", "this is not a protobuf \x00\xff")
-    with pytest.raises(TuneError, match="bad.caffemodel"):
+    with pytest.raises(DyveError, match="bad.caffemodel"):
         tune.tune(tiny["model"], bad, tiny["calib"], out_dir=str(tmp_path), progress=False)
 
 
 def test_empty_calibration_sets(tiny, tmp_path):
     empty_db = write_lmdb(tmp_path / "empty_lmdb", [], [])
-    with pytest.raises(TuneError, match="empty"):
+    with pytest.raises(DyveError, match="empty"):
         tune.tune(tiny["model"], tiny["weights"], empty_db, out_dir=str(tmp_path),
                   progress=False)
     folder = tmp_path / "folder"
     (folder / "cat").mkdir(parents=True)
-    with pytest.raises(TuneError, match="empty"):
+    with pytest.raises(DyveError, match="empty"):
         tune.tune(tiny["model"], tiny["weights"], str(folder), out_dir=str(tmp_path),
                   progress=False)
 
 
 def test_negative_budget(tiny, tmp_path, capsys):
-    with pytest.raises(TuneError, match="budget"):
+    with pytest.raises(DyveError, match="budget"):
         tune.tune(tiny["model"], tiny["weights"], tiny["calib"], budget=-0.1,
                   out_dir=str(tmp_path), progress=False)
     with pytest.raises(SystemExit) as exit_info:
@@ -330,10 +332,10 @@ def test_image_folder_matches_lmdb(tiny, tmp_path):
         d = tmp_path / "imgs" / f"class{label}"
         d.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(d / f"{i:03d}.png"), img.transpose(1, 2, 0))
-    x, y, info = tune.load_calibration(str(tmp_path / "imgs"), SHAPE)
-    assert info["classes"] == ["class0", "class1", "class2"]
+    assert caffe_io.image_source(str(tmp_path / "imgs")) == "class_folders"
+    x, y = caffe_io.load_images(str(tmp_path / "imgs"), SHAPE)
     order = np.lexsort((np.arange(12), labels))  # by class folder, then file name
-    np.testing.assert_array_equal(x, imgs[order])
+    np.testing.assert_array_equal(x, imgs[order].astype(np.float32))
     np.testing.assert_array_equal(y, labels[order])
 
 
@@ -371,16 +373,15 @@ def test_interrupt_writes_best_so_far(tiny, tmp_path, stage, after):
 def test_partial_runs_equal_full_runs(tiny):
     """Starting from a DyVE layer with cached inputs gives the predictions and the effort
     counters of a run from the input, on all images and on a prefix."""
-    net_param, converted = tune.prepare_model(tiny["model"])
+    net_param, converted = caffe_io.dyve_net_param(tiny["model"])
     assert converted
-    net = tune.load_net(net_param, tiny["weights"])
-    x, y, _ = tune.load_calibration(tiny["calib"], SHAPE, max_images=120)
-    mean, _ = tune.load_mean(MEAN, SHAPE)
+    net = caffe_io.load_net(net_param, tiny["weights"])
+    x, y = caffe_io.load_images(tiny["calib"], SHAPE, MEAN, limit=120)
     search, hold = tune.split_indices(len(x), 0.25, seed=1)
-    ev = tune.Evaluator(net, x, mean, 40, search, hold, progress=False)
+    ev = Evaluator(net, x, 40, search, hold, progress=False)
     assert ev.dyve == ["conv1", "conv2", "conv3"] and ev.cacheable == {"conv2", "conv3"}
-    floor = {"conv1": {"relu": True}, "conv2": {"relu": True, "spet": {"exact": True}},
-             "conv3": {"relu": True, "spet": {"exact": True}}}
+    exact = dyve_settings.normalize({"relu": True, "spet": {"exact": True}})
+    floor = {"conv1": dyve_settings.knobs_off(), "conv2": exact, "conv3": exact}
     ev.commit(floor)
     for layer, knob, level in (("conv3", "sdss", {"enabled": True, "threshold": 1.0}),
                                ("conv2", "spet", {"enabled": True, "fraction": 0.5}),
@@ -414,11 +415,12 @@ def test_hdf5_weights_checked(tiny, tmp_path):
     net = caffe.Net(tiny["model"], tiny["weights"], caffe.TEST)
     h5 = str(tmp_path / "tiny.caffemodel.h5")
     net.save_hdf5(h5)
-    dyve_param, _ = tune.prepare_model(tiny["model"])
-    tune.load_net(dyve_param, h5)  # fits
-    wide, _ = tune.prepare_model(write(tmp_path / "wide.prototxt", stock_text(conv2_out=6)))
-    with pytest.raises(TuneError, match=r"layer 'conv2' blob 0"):
-        tune.load_net(wide, h5)
+    dyve_param, _ = caffe_io.dyve_net_param(tiny["model"])
+    caffe_io.load_net(dyve_param, h5)  # fits
+    wide, _ = caffe_io.dyve_net_param(write(tmp_path / "wide.prototxt",
+                                            stock_text(conv2_out=6)))
+    with pytest.raises(DyveError, match=r"layer 'conv2' blob 0"):
+        caffe_io.load_net(wide, h5)
 
 
 LAYER_NET = """
@@ -449,7 +451,7 @@ def test_layer_stats_match_the_layers_spet(tmp_path):
     for name, bottom in (("conv", "x"), ("fc", "v")):
         x = net.blobs[bottom].data.copy()
         p = net.params[name]
-        stats = tune.layer_stats(layers[name], p[0].data, p[1].data, x,
+        stats = ladders.layer_stats(layers[name], p[0].data, p[1].data, x,
                                  np.random.RandomState(1), positions=10 ** 6)
         live.set_settings(net, name, {"relu": True})
         net.forward()
@@ -464,7 +466,7 @@ def test_layer_stats_match_the_layers_spet(tmp_path):
         z = layout(stats["z"])
         np.testing.assert_allclose(np.maximum(z, 0), top.reshape(z.shape), rtol=1e-4,
                                    atol=1e-4)
-        for f in tune.SPET_FRACTIONS:
+        for f in ladders.SPET_FRACTIONS:
             part = layout(stats["partial"][f])
             t = float(np.median(part))
             live.set_settings(net, name, {"relu": True, "spet": {"enabled": True,
@@ -500,18 +502,18 @@ def test_conv_spet_ladder_uses_the_bound_gate_and_exact_is_opt_in():
     conv = layers["conv"]
     w = rng.randn(6, 2, 3, 3)
     x = np.abs(rng.randn(2, 4, 7, 7))
-    stats = tune.layer_stats(conv, w, np.zeros(6), x, rng)
-    levels = tune.build_levels(conv, stats, ("spet",), (2, 6, 4, 4))["spet"]
+    stats = ladders.layer_stats(conv, w, np.zeros(6), x, rng)
+    levels = ladders.build_levels(conv, stats, ("spet",), (2, 6, 4, 4))["spet"]
     assert levels and all(item["set"]["gate"] == "BOUND" and item["set"]["threshold"] == 0
                           for item in levels)
     # per fraction: exact scale first, then less and less trust in the bound
     first = [item["set"]["bound_scale"] for item in levels
              if item["set"]["fraction"] == levels[0]["set"]["fraction"]]
-    assert first == list(tune.SPET_BOUND_SCALES)
+    assert first == list(ladders.SPET_BOUND_SCALES)
     # the bound is an upper bound, so at s = 1 nothing positive is predicted zero
     assert all(item["scale"]["wrongly_zeroed"] == 0 for item in levels
                if item["set"]["bound_scale"] == 1.0)
     assert "exact" not in tune.DEFAULT_KNOBS
-    assert tune.compact({"relu": True, "spet": {"enabled": True, "gate": "BOUND",
-                                                "bound_scale": 0.5}})["spet"] == {
+    assert tune.compact(dyve_settings.normalize({"relu": True, "spet": {
+        "enabled": True, "gate": "BOUND", "bound_scale": 0.5}}))["spet"] == {
         "enabled": True, "fraction": 0.5, "threshold": 0.0, "gate": "BOUND", "bound_scale": 0.5}

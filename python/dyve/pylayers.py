@@ -21,15 +21,11 @@ import math
 import caffe
 import numpy as np
 
+from dyve import effort as dyve_effort
 from dyve import settings as dyve_settings
 
-# The counter table of docs/knobs.md, in its order.
-EFFORT_KEYS = (
-    "forward_passes", "images", "outputs", "macs_dense", "macs_executed",
-    "macs_skipped_spet", "macs_skipped_exact", "macs_skipped_sdss", "macs_skipped_sfma",
-    "ops_spet", "ops_exact", "ops_sdss", "ops_sfma",
-    "spet_zeroed", "exact_stopped", "sdss_filled", "sfma_maps",
-)
+# The counter table of docs/knobs.md, in DyveEffort's order.
+EFFORT_KEYS = dyve_effort.COUNTERS
 
 # Geometry keys of param_str and their defaults (None: required), as in caffe.proto.
 CONV_GEOMETRY = {"num_output": None, "kernel_size": None, "stride": 1, "pad": 0,
@@ -39,7 +35,7 @@ IP_GEOMETRY = {"num_output": None, "bias_term": True, "transpose": False}
 
 def new_effort():
     """A counter dict with every counter of docs/knobs.md at 0."""
-    return dict.fromkeys(EFFORT_KEYS, 0)
+    return dyve_effort.zero()
 
 
 def _as_float32(value):

@@ -9,6 +9,9 @@ dict as is. Example:
 import copy
 import json
 import math
+import numbers
+
+import numpy as np
 
 # Proto defaults (messages.proto). Every knob is off by default.
 DEFAULTS = {
@@ -28,31 +31,56 @@ ENUMS = {
 
 UINT32_MAX = 2 ** 32 - 1
 
+# The one table of stock layer types and the DyVE layer that replaces each (same
+# parameters and blobs, so a stock caffemodel loads into the DyVE form unchanged).
+STOCK_TO_DYVE = {"Convolution": "DyveConvolution", "InnerProduct": "DyveInnerProduct"}
+DYVE_TYPES = tuple(STOCK_TO_DYVE.values())
+CONVOLUTION_TYPES = ("Convolution", "DyveConvolution")
+# Knobs that need output maps: an inner product has none (docs/knobs.md, Settings).
+CONVOLUTION_ONLY_KNOBS = ("sdss", "sfma")
+
 
 def _check_type(name, value, default):
     """Check `value` has the type of the proto field whose default is `default`."""
+    # numbers.Integral / Real also cover numpy scalars (np.int64, np.float32); bool is an
+    # int subclass in Python, but a proto number is not a bool.
+    is_bool = isinstance(value, (bool, np.bool_))
     if isinstance(default, bool):
-        if not isinstance(value, bool):
+        if not is_bool:
             raise ValueError(f"{name} must be true or false, got {value!r}")
     elif isinstance(default, int):
-        # bool is an int subclass in Python; a proto uint32 is not a bool.
-        if isinstance(value, bool) or not isinstance(value, int):
+        if is_bool or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an integer, got {value!r}")
         if not 0 <= value <= UINT32_MAX:
             raise ValueError(f"{name} must fit a uint32, got {value}")
     elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if is_bool or not isinstance(value, numbers.Real) or math.isnan(value):
             raise ValueError(f"{name} must be a number, got {value!r}")
     elif name in ENUMS:
         if value not in ENUMS[name]:
             raise ValueError(f"{name} must be one of {', '.join(ENUMS[name])}, got {value!r}")
 
 
-def normalize(settings):
+def _plain(name, value, default):
+    """`value` checked against the field's type and converted to a plain Python value."""
+    _check_type(name, value, default)
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+def normalize(settings, layer_type=None):
     """Return a complete, validated copy of `settings` with every default filled in.
 
     Raises ValueError naming the field for an unknown key, a wrong type, a bad enum
-    string or a value outside its range. Idempotent: normalize(normalize(s)) == normalize(s).
+    string or a value outside its range. With `layer_type` (a stock or DyVE type name) the
+    layer-kind rules apply too: on an inner product, SDSS, SFMA and the BOUND gate are
+    refused, as the C++ layer's ValidateDyveParameter does. Idempotent:
+    normalize(normalize(s)) == normalize(s).
     """
     if settings is None:
         settings = {}
@@ -69,18 +97,17 @@ def normalize(settings):
                 name = f"{key}.{sub}"
                 if sub not in DEFAULTS[key]:
                     raise ValueError(f"unknown DyVE setting '{name}'")
-                _check_type(name, subvalue, DEFAULTS[key][sub])
-                out[key][sub] = float(subvalue) if isinstance(DEFAULTS[key][sub], float) \
-                    else subvalue
+                out[key][sub] = _plain(name, subvalue, DEFAULTS[key][sub])
         else:
-            _check_type(key, value, DEFAULTS[key])
-            out[key] = value
+            out[key] = _plain(key, value, DEFAULTS[key])
 
     spet, sdss, sfma = out["spet"], out["sdss"], out["sfma"]
     if not 0.0 < spet["fraction"] <= 1.0:
         raise ValueError(f"spet.fraction must be in (0, 1], got {spet['fraction']:g}")
     if spet["check_interval"] < 1:
         raise ValueError(f"spet.check_interval must be >= 1, got {spet['check_interval']}")
+    if not math.isfinite(spet["threshold"]):
+        raise ValueError(f"spet.threshold must be finite, got {spet['threshold']:g}")
     if not 0 <= spet["bound_scale"] < math.inf:
         raise ValueError(f"spet.bound_scale must be finite and >= 0, got "
                          f"{spet['bound_scale']:g}")
@@ -104,7 +131,28 @@ def normalize(settings):
                          ("sdss.enabled", sdss["enabled"])):
             if on:
                 raise ValueError(f"{name} requires relu: true")
+    if layer_type is not None:
+        check_layer_kind(out, layer_type)
     return out
+
+
+def check_layer_kind(settings, layer_type):
+    """Refuse knobs the layer kind cannot run (`settings` normalized)."""
+    if layer_type not in STOCK_TO_DYVE and layer_type not in DYVE_TYPES:
+        raise ValueError(f"layer type {layer_type} takes no DyVE settings (DyVE layers: "
+                         f"{', '.join(DYVE_TYPES)})")
+    if layer_type in CONVOLUTION_TYPES:
+        return
+    if settings["spet"]["gate"] == "BOUND":
+        raise ValueError("spet.gate BOUND applies to convolutions only")
+    for knob in CONVOLUTION_ONLY_KNOBS:
+        if settings[knob]["enabled"]:
+            raise ValueError(f"{knob} applies to convolutions only")
+
+
+def knobs_off(relu=True):
+    """Normalized settings with every knob off (and the layer's own ReLU on or off)."""
+    return normalize({"relu": bool(relu)})
 
 
 def to_json(settings):

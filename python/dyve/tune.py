@@ -1,103 +1,11 @@
 """Per-layer DyVE threshold tuner under an accuracy budget (``python3 -m dyve.tune``).
 
-Given a trained net (a DyVE deploy prototxt, or a stock one, converted with
-``nets.to_dyve`` with every knob off), its caffemodel and a calibration set (an LMDB, or an
-image folder ``<class>/*.jpg|png``; never the test set), the tuner picks, per DyVE layer,
-the knob settings that save the most operations while the top-1 accuracy loss against the
-dense net stays within ``--budget`` percentage points, with statistical confidence. One
-pycaffe net is loaded once; every setting is applied with ``dyve.live.set_settings`` (no
-reload) and measured with the layers' effort counters.
-
-The search
-----------
-1. **Baseline.** The net with every knob off is run on every calibration image: its
-   predictions ``p0`` and the labels are the reference of every comparison. The images are
-   split deterministically (``numpy.random.RandomState(seed)``) into a *search* part and a
-   *holdout* part (``--holdout``, default 30 %) that the search never sees.
-2. **Exact floor** (only with ``--knobs`` naming ``exact``; not by default, because exact
-   mode's per-neuron, sign-ordered gathered dots run several times slower than the dense
-   layer: see docs/performance.md). Exact mode (sign-ordered early termination, ``spet.exact``) never
-   changes a ReLU output, but needs non-negative inputs. It is enabled on every DyVE layer
-   whose bottom is provably non-negative from the net's structure (produced by a ReLU, a
-   DyVE layer, or pooling / LRN / dropout / concat / ... of such blobs) *and* was >= 0 on
-   every calibration image (``conv1`` reads mean-subtracted pixels: not eligible). Its
-   predictions must equal ``p0`` on every image (search and holdout); a mismatch that is
-   not a float-rounding tie of the two top scores (gap <= 1e-4) is a bug and stops the
-   tuner. The floor is the base of everything below.
-3. **Sensitivity sweep.** Each DyVE layer has one track per approximate knob (SPET, SDSS,
-   SFMA; SDSS and SFMA on convolutions only, SDSS not on 1x1 output maps). Its ladder of
-   levels is scaled to the layer's own activations, measured in numpy from the layer's
-   input blob and weights on a few search images (up to 64 images, 256 output positions
-   each):
-
-   * SPET on a convolution: fraction f in {0.25, 0.5, 0.75}, the BOUND gate (docs/knobs.md)
-     with T = 0 and bound scale s in {1, 0.5, 0.25, 0.1, 0} (15 levels). s = 1 is exact on
-     a rectified input; smaller s trusts the bound of the remaining channels less. On
-     cifar10_quick's conv2 (f = 0.5) the bound predicted 54.5 % of neurons zero with
-     0.13 % wrongly zeroed at s = 0.25, where a plain threshold T = 0 zeroes 68.6 % with
-     2.5 % wrong: the bound ranks neurons far better per error than one threshold.
-   * SPET on an inner product (THRESHOLD gate): f as above; threshold T = m * std of the
-     partial sum over the prefix inputs plus bias, m in {-1, -0.5, -0.25, 0, 0.25}.
-     A fraction whose prefix is every input channel (nothing to skip), or the same prefix as
-     a smaller fraction, is left out (conv1 of CIFAR-10, 3 channels: f = 0.25 and 0.5).
-   * SDSS: stride 2, fill MEAN, T = 0 and the 10/25/50 % quantiles of the layer's positive
-     post-ReLU outputs.
-   * SFMA: spread RANGE, T = the 5/10/20/35/50 % quantiles of the per-map ranges of the
-     layer's input, plus T = 0 (exact: only constant maps) when some maps are constant.
-
-   Every level is evaluated alone on top of the floor over the search images (or the
-   first ``--sweep-images`` of them), in increasing aggressiveness; once a level's *lower*
-   confidence bound (loss - z * SE) is over the budget, the more aggressive levels of the
-   same sub-ladder (one SPET fraction, or the SDSS / SFMA thresholds) are skipped. Each
-   evaluation measures ops per image (effort counters: ``macs_executed + ops_spet +
-   ops_exact + ops_sdss + ops_sfma``, summed over the DyVE layers) and paired statistics
-   against ``p0``: ``n_rw`` (right -> wrong), ``n_wr`` (wrong -> right), ``loss = (n_rw -
-   n_wr) / n``, its standard error from the paired differences ``d_i`` in {-1, 0, 1}
-   (``SE = std(d, ddof=1) / sqrt(n)``) and the one-sided upper confidence bound ``UCB =
-   loss + z * SE`` (z from ``--confidence``). Losses are in percentage points.
-
-   The search accepts on ``gate = max(loss, 0) + z * SE * sqrt(n / n_holdout)`` rather
-   than the plain UCB, for two reasons. An approximation is not expected to *improve*
-   accuracy, so a measured gain (more wrong -> right than right -> wrong flips) is noise;
-   banking it would let the greedy spend it on later steps, the failure mode of a greedy
-   search on noisy calibration losses (``--bank-gains`` keeps the sign). And the final
-   choice must pass the holdout check, whose interval is wider than the search part's
-   (fewer images): projecting the SE to the holdout's size (same flip rate) makes the
-   search accept what the holdout can confirm, instead of overshooting and being undone.
-   Flips in both directions widen the gate, so it is the budgeted quantity: a track's
-   greedy ladder is the Pareto front of its levels in (ops, gate), least aggressive first,
-   without levels that save nothing or whose gate alone is already over the budget.
-4. **Greedy combination.** From the floor, each round tries advancing every (layer, knob)
-   track one level of its ladder on top of the current combined setting (fixed order: net
-   order of layers, then spet, sdss, sfma). Among the candidates whose gate <= budget and
-   that save ops, it takes the one with the most ops saved per unit of added loss, the
-   loss being measured by the gate (added gate floored at 1/n, so a step that changes no
-   prediction is ranked by its savings; ties go to the earlier track). It stops when no
-   candidate fits. A track whose candidate is refused ``--patience`` rounds in a row
-   (default 1; 0 = never) is retired: adding other approximations rarely makes a refused
-   step fit again, and it saves most of the evaluations. Only the layers from the changed one onwards are re-run: the inputs of each
-   DyVE layer under the current setting are cached (``--cache-mb``), and the counters of
-   the layers before it are reused.
-5. **Holdout verification.** The final setting is evaluated on the holdout images (loss,
-   SE, two-sided confidence interval, plain UCB: no selection happened on these images).
-   If the UCB exceeds the budget, the greedy steps are undone from the last one backwards,
-   each undo re-verified, until it fits (the floor always does); the undos are recorded.
-
-Ctrl-C (or SIGTERM, from the command line) stops cleanly: the best setting accepted so far
-is written, with ``"interrupted": true`` in search.json. The search is deterministic for a
-seed: fixed candidate order, and the only randomness (split, position sample) comes from
-seeded generators.
-
-Outputs (each written to a temporary file and moved in place with ``os.replace``), in
-``--out-dir`` (default ``reports/<net-name>/tune``):
-
-* ``tuned_deploy.prototxt``: the DyVE deploy net with the tuned ``dyve_param`` per layer
-  (layer names kept, so the stock caffemodel loads);
-* ``tuned_train_val.prototxt`` with ``--train-val``: the same settings in a train_val net;
-* ``search.json``: every setting evaluated (stage, layer, knob, settings, ops per image,
-  n_rw, n_wr, loss, SE, UCB, accepted), baseline accuracy, the floor, the ladders, the
-  greedy steps, the final settings per layer and the holdout verification;
-* ``search.md``: a short human summary.
+Given a trained net, its caffemodel and calibration images (never the test set), picks per
+DyVE layer the knob settings that save the most operations while the top-1 loss against
+the dense net stays within ``--budget`` points with statistical confidence: a baseline, an
+optional exact floor, a sensitivity sweep of per-layer ladders (dyve.ladders), a greedy
+combination and a holdout verification, all on one live net (dyve.evaluator). The design,
+the statistics and the outputs are in docs/tuner.md.
 
 Library use: ``tune(model, weights, calib, ...) -> dict`` (the content of search.json).
 """
@@ -107,11 +15,8 @@ import json
 import math
 import os
 import signal
-import statistics
 import sys
-import tempfile
 import time
-import warnings
 
 if __name__ == "__main__":  # quiet Caffe's log before pycaffe loads glog
     os.environ.setdefault("GLOG_minloglevel", "2")
@@ -120,343 +25,57 @@ import numpy as np
 from google.protobuf import json_format, text_format
 from tqdm import tqdm
 
-import caffe
 from caffe.proto import caffe_pb2
 
+from dyve import caffe_io, live, stats
+from dyve import effort as dyve_effort
 from dyve import files as dyve_files
-from dyve import live, nets
 from dyve import settings as dyve_settings
+from dyve.errors import DyveError
+from dyve.evaluator import Evaluator
+from dyve.ladders import (STATS_BYTES, STATS_IMAGES, build_levels, layer_stats,
+                          pareto_ladder, round_sig)
 
 KNOBS = ("exact", "spet", "sdss", "sfma")
 APPROX_KNOBS = ("spet", "sdss", "sfma")
 DEFAULT_KNOBS = APPROX_KNOBS  # exact mode is opt-in: it saves MACs but costs wall time
-
-# Ladders (see the module docstring). Thresholds are rounded to 6 significant digits.
-SPET_FRACTIONS = (0.25, 0.5, 0.75)
-SPET_STD_MULTIPLES = (-1.0, -0.5, -0.25, 0.0, 0.25)  # THRESHOLD gate (inner products)
-SPET_BOUND_SCALES = (1.0, 0.5, 0.25, 0.1, 0.0)       # BOUND gate (convolutions)
-SDSS_STRIDE = 2
-SDSS_QUANTILES = (0.1, 0.25, 0.5)
-SFMA_QUANTILES = (0.05, 0.1, 0.2, 0.35, 0.5)
-STATS_IMAGES = 64           # images for the layer statistics (fewer for big inputs)
-STATS_BYTES = 64 << 20      # at most this much input sample per layer
-STATS_POSITIONS = 256       # output positions sampled per image and layer
 TIE_TOLERANCE = 1e-4        # exact mode may flip a prediction only on a tie this close
 
 # Keys of search.json that depend on the clock or the output location.
 VOLATILE_KEYS = ("elapsed_s", "time_s", "started", "finished", "out_dir", "files")
 
 
-class TuneError(RuntimeError):
-    """Bad input or an inconsistency, with a message for the user."""
+class TuneError(DyveError):
+    """Bad input or an inconsistency found by the tuner."""
 
 
 # ============================================================================ statistics
 
 def z_value(confidence, two_sided=False):
-    """Normal quantile for a one-sided (or two-sided) bound at `confidence`."""
-    if not 0.0 < confidence < 1.0:
-        raise TuneError(f"--confidence must be in (0, 1), got {confidence}")
-    p = 1.0 - (1.0 - confidence) / 2.0 if two_sided else confidence
-    return statistics.NormalDist().inv_cdf(p)
+    """stats.z_value, refusing a bad --confidence with a TuneError."""
+    try:
+        return stats.z_value(confidence, two_sided)
+    except ValueError:
+        raise TuneError(f"--confidence must be in (0, 1), got {confidence}") from None
 
 
 def paired_stats(p0, p, labels, confidence=0.95, se_scale=1.0, clamp=True):
-    """Paired accuracy loss of predictions `p` against the reference `p0` on `labels`.
-
-    d_i = [p0_i correct] - [p_i correct] in {-1, 0, 1}. Returns a dict with n, n_rw (right
-    -> wrong), n_wr (wrong -> right), n_changed (any prediction change), and in percentage
-    points: loss = mean(d), se = std(d, ddof=1) / sqrt(n), ucb = loss + z * se (one-sided,
-    z at `confidence`), gate = max(loss, 0) + z * se * se_scale (the search's acceptance
-    bound: a measured gain is not banked unless clamp is False; se_scale projects the SE to
-    another number of images), ci_low / ci_high (two-sided interval at `confidence`),
-    acc0, acc.
-    """
+    """stats.paired in percentage points for predictions `p` against the reference `p0`
+    on `labels`, plus n_changed (any prediction change); acc0 / acc are the accuracies."""
     p0, p, labels = (np.asarray(a).ravel() for a in (p0, p, labels))
     if not len(p0) == len(p) == len(labels):
         raise ValueError("paired_stats: p0, p and labels must have the same length")
-    n = len(p0)
-    if n == 0:
-        raise ValueError("paired_stats: no images")
-    right0, right = p0 == labels, p == labels
-    n_rw = int(np.sum(right0 & ~right))
-    n_wr = int(np.sum(~right0 & right))
-    mean = (n_rw - n_wr) / n
-    var = max(0.0, (n_rw + n_wr - n * mean * mean) / (n - 1)) if n > 1 else 0.0
-    se = math.sqrt(var / n)
-    z1, z2 = z_value(confidence), z_value(confidence, two_sided=True)
-    return {"n": n, "n_rw": n_rw, "n_wr": n_wr, "n_changed": int(np.sum(p0 != p)),
-            "loss": 100.0 * mean, "se": 100.0 * se, "ucb": 100.0 * (mean + z1 * se),
-            "gate": 100.0 * ((max(mean, 0.0) if clamp else mean) + z1 * se * se_scale),
-            "ci_low": 100.0 * (mean - z2 * se), "ci_high": 100.0 * (mean + z2 * se),
-            "acc0": 100.0 * float(np.mean(right0)), "acc": 100.0 * float(np.mean(right))}
+    st = stats.paired(p0 == labels, p == labels, confidence, se_scale, clamp, unit=100.0)
+    st["acc0"], st["acc"] = st.pop("acc_ref"), st.pop("acc_new")
+    st["n_changed"] = int(np.sum(p0 != p))
+    return st
 
 
-def _fits(stats, budget, key="ucb"):
-    return stats[key] <= budget + 1e-9
-
-
-def _round(value, digits=6):
-    """A float rounded to `digits` significant digits (thresholds, readable JSON)."""
-    value = float(value)
-    return 0.0 if value == 0 else float(f"{value:.{digits}g}")
-
-
-# ============================================================================ input checks
-
-def _read_net_param(path, what="--model"):
-    if not path or not os.path.isfile(path):
-        raise TuneError(f"{what}: prototxt {path!r} does not exist")
-    param = caffe_pb2.NetParameter()
-    try:
-        with open(path) as f:
-            text_format.Merge(f.read(), param)
-    except (text_format.ParseError, UnicodeDecodeError) as error:
-        raise TuneError(f"{what}: {path} is not a valid NetParameter prototxt: {error}") \
-            from None
-    if param.layers:
-        raise TuneError(f"{what}: {path} uses the V1 'layers' format; upgrade it with "
-                        "upgrade_net_proto_text first")
-    known = set(caffe.layer_type_list())
-    for layer in param.layer:
-        if layer.type not in known:
-            raise TuneError(f"{what}: {path}: layer '{layer.name}' has type "
-                            f"'{layer.type}', which this Caffe does not know")
-    return param
-
-
-def _is_dyve_type(layer_type):
-    return layer_type in live.DYVE_TYPES
-
-
-def prepare_model(path, what="--model"):
-    """(DyVE NetParameter, converted) from a DyVE or stock prototxt."""
-    param = _read_net_param(path, what)
-    if any(_is_dyve_type(layer.type) for layer in param.layer):
-        return param, False
-    try:
-        dyve = nets.to_dyve(param, {})
-    except ValueError as error:
-        raise TuneError(f"{what}: {path}: {error}") from None
-    if not any(_is_dyve_type(layer.type) for layer in dyve.layer):
-        raise TuneError(f"{what}: {path} has no layer DyVE can convert (a Convolution or "
-                        "InnerProduct followed by a ReLU)")
-    return dyve, True
-
-
-def _proto_shape(blob):
-    """Shape of a BlobProto and whether it is a legacy 4-D one."""
-    if blob.HasField("num") or blob.HasField("channels") or blob.HasField("height") \
-            or blob.HasField("width"):
-        return (blob.num, blob.channels, blob.height, blob.width), True
-    return tuple(blob.shape.dim), False
-
-
-def _shape_equals(target, source, legacy):
-    """Blob::ShapeEquals of Caffe (legacy shapes index from the end, padded with 1)."""
-    target = tuple(target)
-    if legacy:
-        return len(target) <= 4 and (1,) * (4 - len(target)) + target == tuple(source)
-    return target == tuple(source)
-
-
-def _weight_layers(weights):
-    """{layer name: [(shape, legacy, count)]} of a caffemodel or a Caffe HDF5 file."""
-    with open(weights, "rb") as f:
-        head = f.read(8)
-    if head == b"\x89HDF\r\n\x1a\n":
-        try:
-            import h5py
-        except ImportError:
-            raise TuneError(f"--weights: {weights} is an HDF5 file and h5py is missing") \
-                from None
-        out = {}
-        with h5py.File(weights, "r") as h5:
-            if "data" not in h5:
-                raise TuneError(f"--weights: {weights} is an HDF5 file without a 'data' "
-                                "group (not a Caffe snapshot)")
-            for name, group in h5["data"].items():
-                blobs = []
-                for i in range(len(group)):
-                    if str(i) not in group:
-                        raise TuneError(f"--weights: {weights}: layer '{name}' lacks "
-                                        f"blob {i}")
-                    shape = tuple(group[str(i)].shape)
-                    blobs.append((shape, False, int(np.prod(shape, dtype=np.int64))))
-                out[name] = [blobs]
-        return out
-    param = caffe_pb2.NetParameter()
-    try:
-        with open(weights, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("error")  # a partial parse only warns
-            param.ParseFromString(f.read())
-    except Exception as error:  # protobuf DecodeError and friends
-        raise TuneError(f"--weights: {weights} is not a caffemodel (binary NetParameter): "
-                        f"{error}") from None
-    out = {}
-    for layer in list(param.layer) + list(param.layers):
-        blobs = []
-        for blob in layer.blobs:
-            shape, legacy = _proto_shape(blob)
-            count = len(blob.double_data) or len(blob.data)
-            blobs.append((shape, legacy, count))
-        out.setdefault(layer.name, []).append(blobs)  # Caffe copies every same-name layer
-    return out
-
-
-def check_weights(net, weights, dyve_names=()):
-    """Refuse a caffemodel that does not fit `net` (Caffe would abort the process).
-
-    Every layer of the caffemodel whose name is in the net must have the net's number of
-    blobs and their shapes (and as many values); every net layer with parameters must have
-    weights in the caffemodel.
-    """
-    if not weights or not os.path.isfile(weights):
-        raise TuneError(f"--weights: caffemodel {weights!r} does not exist")
-    source = _weight_layers(weights)
-    names = list(net._layer_names)
-    problems = []
-    for name, blobs in ((name, blobs) for name, versions in source.items()
-                        for blobs in versions):
-        if name not in names:
-            continue  # Caffe ignores source layers the net does not have
-        target = net.params[name] if name in net.params else []
-        if len(target) != len(blobs):
-            problems.append(f"layer '{name}' has {len(target)} parameter blob(s) in the "
-                            f"prototxt but {len(blobs)} in the caffemodel")
-            continue
-        for i, (shape, legacy, count) in enumerate(blobs):
-            want = tuple(target[i].data.shape)
-            if not _shape_equals(want, shape, legacy):
-                problems.append(f"layer '{name}' blob {i}: prototxt shape {want}, "
-                                f"caffemodel shape {tuple(shape)}")
-            elif count != int(np.prod(want, dtype=np.int64)):
-                problems.append(f"layer '{name}' blob {i}: caffemodel holds {count} values "
-                                f"for shape {want}")
-    missing = [name for name in net.params if not any(source.get(name, []))]
-    for name in missing:
-        kind = "DyVE layer" if name in dyve_names else "layer"
-        problems.append(f"{kind} '{name}' has no weights in the caffemodel")
-    if problems:
-        raise TuneError(f"--weights: {weights} does not match the prototxt: "
-                        + "; ".join(problems))
-
-
-def load_net(net_param, weights):
-    """A TEST-phase pycaffe net of `net_param` with `weights`, checked first."""
-    fd, path = tempfile.mkstemp(suffix=".prototxt", prefix="dyve_tune_")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text_format.MessageToString(net_param))
-        net = caffe.Net(path, caffe.TEST)
-    finally:
-        os.remove(path)
-    check_weights(net, weights, dyve_names=list(live.dyve_layers(net)))
-    net.copy_from(weights)
-    return net
+def _fits(st, budget, key="ucb"):
+    return st[key] <= budget + 1e-9
 
 
 # ============================================================================ calibration data
-
-def _is_image_file(name):
-    return name.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff"))
-
-
-def _fit_image(img, shape, target_hw=None):
-    """uint8 C x H x W -> the net's C x H x W: resize to target_hw if given and different,
-    or to the input size when smaller than it, then centre-crop."""
-    import cv2
-    c, h, w = shape
-    if img.shape[0] != c:
-        raise TuneError(f"calibration images have {img.shape[0]} channels, the net wants {c}")
-    ih, iw = img.shape[1:]
-    th, tw = target_hw if target_hw else (ih, iw)
-    if ih < h or iw < w:
-        th, tw = max(th, h), max(tw, w)
-    if (th, tw) != (ih, iw):
-        hwc = img.transpose(1, 2, 0)
-        hwc = cv2.resize(hwc, (tw, th), interpolation=cv2.INTER_LINEAR)
-        img = hwc.reshape(th, tw, c).transpose(2, 0, 1)
-    y0, x0 = (img.shape[1] - h) // 2, (img.shape[2] - w) // 2
-    return np.ascontiguousarray(img[:, y0:y0 + h, x0:x0 + w])
-
-
-def load_calibration(path, shape, max_images=None, seed=1701, target_hw=None):
-    """(uint8 N x C x H x W images, int64 labels, info) of an LMDB or an image folder.
-
-    LMDB: labels from the datums, the first `max_images` in key order (the project's
-    LMDBs are shuffled). Folder: classes are the sorted sub-folder names (label = index),
-    files sorted; `max_images` takes a seeded random subset. Images are fitted to the
-    net input (see _fit_image).
-    """
-    from dyve import data as dyve_data
-    if not path or not os.path.exists(path):
-        raise TuneError(f"--calib: {path!r} does not exist")
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "data.mdb")):
-        try:
-            images, labels = dyve_data.read_lmdb(path, limit=max_images)
-        except dyve_data.DataError as error:
-            raise TuneError(f"--calib: {error}") from None
-        if len(images) == 0:
-            raise TuneError(f"--calib: calibration set {path} is empty (no images)")
-        fitted = np.stack([_fit_image(img, shape, target_hw) for img in images])
-        return fitted, labels.astype(np.int64), {"kind": "lmdb", "path": path,
-                                                 "count": int(len(labels))}
-    if not os.path.isdir(path):
-        raise TuneError(f"--calib: {path} is neither an LMDB nor a folder of class folders")
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    items = []
-    for label, cls in enumerate(classes):
-        for name in sorted(os.listdir(os.path.join(path, cls))):
-            if _is_image_file(name):
-                items.append((os.path.join(path, cls, name), label))
-    if not items:
-        raise TuneError(f"--calib: calibration set {path} is empty (no <class>/*.jpg|png)")
-    if max_images is not None and max_images < len(items):
-        keep = np.sort(np.random.RandomState(seed).permutation(len(items))[:max_images])
-        items = [items[i] for i in keep]
-    import cv2
-    flag = cv2.IMREAD_GRAYSCALE if shape[0] == 1 else cv2.IMREAD_COLOR
-    images = []
-    for file, _ in items:
-        img = cv2.imread(file, flag)
-        if img is None:
-            raise TuneError(f"--calib: cannot read image {file}")
-        img = img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
-        images.append(_fit_image(img, shape, target_hw))
-    labels = np.array([label for _, label in items], np.int64)
-    return np.stack(images), labels, {"kind": "folder", "path": path, "classes": classes,
-                                      "count": len(items)}
-
-
-def load_mean(spec, shape):
-    """float32 array broadcastable to C x H x W: a mean.binaryproto (centre-cropped to the
-    input, or its per-channel mean when the sizes do not fit) or "v1,v2,v3" per channel."""
-    if spec is None:
-        return None, None
-    c, h, w = shape
-    if os.path.isfile(spec):
-        from dyve import data as dyve_data
-        try:
-            mean = dyve_data.read_mean(spec)
-        except Exception as error:
-            raise TuneError(f"--mean: {spec} is not a mean.binaryproto: {error}") from None
-        if mean.shape[0] != c:
-            raise TuneError(f"--mean: {spec} has {mean.shape[0]} channels, the net wants {c}")
-        mh, mw = mean.shape[1:]
-        if mh >= h and mw >= w:
-            y0, x0 = (mh - h) // 2, (mw - w) // 2
-            return np.ascontiguousarray(mean[:, y0:y0 + h, x0:x0 + w]), (mh, mw)
-        return mean.mean(axis=(1, 2)).reshape(c, 1, 1).astype(np.float32), None
-    try:
-        values = [float(v) for v in spec.split(",")]
-    except ValueError:
-        raise TuneError(f"--mean: {spec!r} is neither a file nor comma-separated values") \
-            from None
-    if len(values) not in (1, c):
-        raise TuneError(f"--mean: {len(values)} values for {c} channels")
-    return np.array(values, np.float32).reshape(-1, 1, 1), None
-
 
 def split_indices(n, holdout, seed):
     """(search, holdout) sorted index arrays, a seeded permutation of range(n)."""
@@ -484,7 +103,7 @@ def _nonneg_producers(net, net_param):
             ins = list(bottoms[names[j]])
             if t == "ReLU":
                 return p is None or p.relu_param.negative_slope == 0
-            if t in live.DYVE_TYPES:
+            if t in dyve_settings.DYVE_TYPES:
                 return p is None or p.dyve_param.relu
             if t in ("Softmax", "Sigmoid", "AbsVal"):
                 return True
@@ -513,9 +132,8 @@ def _nonneg_producers(net, net_param):
 
 # ============================================================================ evaluation
 
-def compact(settings):
-    """The enabled knobs of a settings dict (relu omitted; it is always on)."""
-    s = dyve_settings.normalize(settings)
+def compact(s):
+    """The enabled knobs of normalized settings (relu omitted; it is always on)."""
     out = {}
     spet = s["spet"]
     if spet["enabled"] or spet["exact"]:
@@ -538,395 +156,15 @@ def compact(settings):
     return out
 
 
-def _ops(counters):
-    return (counters["macs_executed"] + counters["ops_spet"] + counters["ops_exact"]
-            + counters["ops_sdss"] + counters["ops_sfma"])
-
-
-def _per_image(effort, n):
-    """Effort counters per image, per layer (for the report)."""
-    return {name: {k: v / n for k, v in sorted(c.items())
-                   if k not in ("forward_passes", "images")} for name, c in effort.items()}
-
-
-def _add_effort(a, b):
-    return {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}
-
-
-class Evaluator:
-    """Runs one pycaffe net over image subsets under per-layer settings.
-
-    It keeps a *committed* setting with, per DyVE layer, the blobs that flow into it
-    (its "live-in" blobs) for every search image and the per-batch effort counters, so a
-    setting that differs from the committed one only from layer L on is evaluated by
-    running the net from L.
-    """
-
-    def __init__(self, net, images, mean, batch, search, holdout, cache_mb=2048,
-                 progress=True):
-        self.net, self.images, self.mean = net, images, mean
-        self.batch = int(batch)
-        self.subsets = {"search": np.asarray(search), "holdout": np.asarray(holdout),
-                        "all": np.arange(len(images))}
-        self.progress = progress
-        self.names = list(net._layer_names)
-        self.index = {name: i for i, name in enumerate(self.names)}
-        self.dyve = list(live.dyve_layers(net))
-        if len(net.inputs) != 1:
-            raise TuneError(f"--model: the net must have exactly one input blob, it has "
-                            f"{list(net.inputs)}")
-        self.input = net.inputs[0]
-        self.output = "prob" if "prob" in net.outputs else net.outputs[0]
-        self.live_in = {name: self._live_in(self.index[name]) for name in self.dyve}
-        self.applied = {name: live.get_settings(net, name) for name in self.dyve}
-        # Knobs off, with the prototxt's relu (a DyVE layer without it takes no SPET/SDSS).
-        self.base = {name: {"relu": self.applied[name]["relu"]} for name in self.dyve}
-        self._reshape(self.batch)
-        self.cacheable = self._choose_cache(cache_mb)
-        self.committed = None
-
-    # -- structure
-    def _live_in(self, k):
-        produced, needed = set(), []
-        for j in range(k, len(self.names)):
-            for blob in self.net.bottom_names[self.names[j]]:
-                if blob not in produced and blob not in needed:
-                    needed.append(blob)
-            produced.update(self.net.top_names[self.names[j]])
-        return needed
-
-    def _reshape(self, n):
-        blob = self.net.blobs[self.input]
-        if blob.data.shape[0] != n:
-            blob.reshape(n, *blob.data.shape[1:])
-            self.net.reshape()
-
-    def _choose_cache(self, cache_mb):
-        """DyVE layers whose live-in blobs are cached, deepest first within cache_mb."""
-        n = len(self.subsets["search"])
-        budget = cache_mb * (1 << 20)
-        chosen = set()
-        for name in reversed(self.dyve):
-            if self.index[name] <= 1:
-                continue  # only the input layer before it: nothing to save
-            blobs = [self.net.blobs[b] for b in self.live_in[name]]
-            if any(b.data.ndim == 0 or b.data.shape[0] != self.batch for b in blobs):
-                continue
-            size = n * sum(b.data[0].nbytes for b in blobs)
-            if size <= budget:
-                chosen.add(name)
-                budget -= size
-        return chosen
-
-    # -- settings
-    def apply(self, settings):
-        for name in self.dyve:
-            want = dyve_settings.normalize(settings.get(name, self.base[name]))
-            if want != self.applied[name]:
-                live.set_settings(self.net, name, want)
-                self.applied[name] = want
-
-    def _batch_input(self, sel):
-        x = self.images[sel].astype(np.float32)
-        if self.mean is not None:
-            x -= self.mean
-        return x
-
-    # -- running
-    def evaluate(self, settings, subset="search", start_layer=None, capture=False,
-                 count=None, sample=None, desc=None):
-        """Run `settings` on a subset; returns a dict with preds, effort (per layer,
-        summed), ops (per image), n, and, when capture, the live-in cache of the DyVE
-        layers after the start layer (search only).
-
-        `count` limits the subset to its first images (rounded up to whole batches);
-        `sample` = {DyVE layer: k} also returns, for the first k images, each layer's
-        bottom, the minimum of each such layer's bottom over the subset, and the output gap
-        between the two top scores (baseline bookkeeping).
-        """
-        self.apply(settings)
-        idx = self.subsets[subset]
-        if count is not None and count < len(idx):
-            idx = idx[:min(len(idx), -(-count // self.batch) * self.batch)]
-        n = len(idx)
-        start = 0
-        c = self.committed
-        if (start_layer is not None and subset == "search" and c is not None
-                and start_layer in self.cacheable and start_layer in c["cache"]
-                and all(dyve_settings.normalize(settings.get(l, self.base[l]))
-                        == dyve_settings.normalize(c["settings"].get(l, self.base[l]))
-                        for l in self.dyve[:self.dyve.index(start_layer)])):
-            start = self.index[start_layer]
-        captures = [name for name in self.dyve if self.index[name] > start
-                    and name in self.cacheable] if capture else []
-        if sample is not None and start > 0:
-            raise ValueError("sampling needs a run from the first layer")
-        stops = sorted({self.index[nm] for nm in captures}
-                       | ({self.index[nm] for nm in sample} if sample else set()))
-        cache = {name: {b: None for b in self.live_in[name]} for name in captures}
-        preds = np.empty(n, np.int64)
-        gaps = np.empty(n, np.float64) if sample else None
-        mins = {name: np.inf for name in sample} if sample else None
-        bottoms = {}
-        batch_effort = []
-        live.reset_effort(self.net)
-        last = len(self.names) - 1
-        bar = tqdm(total=n, desc=desc or subset, unit=" img", leave=False,
-                   disable=not self.progress)
-        try:
-            for b0 in range(0, n, self.batch):
-                sel = idx[b0:b0 + self.batch]
-                nb = len(sel)
-                self._reshape(nb)
-                if start == 0:
-                    self.net.blobs[self.input].data[...] = self._batch_input(sel)
-                else:
-                    for blob in self.live_in[start_layer]:
-                        self.net.blobs[blob].data[...] = c["cache"][start_layer][blob][b0:b0 + nb]
-                before = live.effort(self.net)
-                cur = start
-                for k in stops:
-                    if k > cur:
-                        self.net._forward(cur, k - 1)
-                        cur = k
-                    name = self.names[k]
-                    if name in cache:
-                        for blob in self.live_in[name]:
-                            data = self.net.blobs[blob].data
-                            if cache[name][blob] is None:
-                                cache[name][blob] = np.empty((n,) + data.shape[1:], np.float32)
-                            cache[name][blob][b0:b0 + nb] = data
-                    if sample is not None and name in sample:
-                        bottom = self.net.blobs[self.net.bottom_names[name][0]].data
-                        mins[name] = min(mins[name], float(bottom.min()))
-                        if b0 < sample[name]:
-                            take = bottom[:min(nb, sample[name] - b0)].copy()
-                            bottoms.setdefault(name, []).append(take)
-                self.net._forward(cur, last)
-                out = self.net.blobs[self.output].data.reshape(nb, -1)
-                preds[b0:b0 + nb] = out.argmax(axis=1)
-                if sample:
-                    top2 = np.sort(out, axis=1)[:, -2:] if out.shape[1] > 1 else \
-                        np.concatenate([out, out], axis=1)
-                    gaps[b0:b0 + nb] = top2[:, 1] - top2[:, 0]
-                after = live.effort(self.net)
-                batch_effort.append({name: {k: after[name][k] - before[name][k]
-                                            for k in after[name]} for name in self.dyve})
-                bar.update(nb)
-        finally:
-            bar.close()
-        # Layers before the start were not run: their counters are the committed ones.
-        if start > 0:
-            nbatches = len(batch_effort)
-            for i in range(nbatches):
-                for name in self.dyve:
-                    if self.index[name] < start:
-                        batch_effort[i][name] = dict(c["batch_effort"][i][name])
-        effort = {name: {} for name in self.dyve}
-        for be in batch_effort:
-            for name in self.dyve:
-                effort[name] = _add_effort(effort[name], be[name])
-        ops = sum(_ops(effort[name]) for name in self.dyve) / n
-        result = {"preds": preds, "effort": effort, "ops": ops, "n": n, "start": start,
-                  "batch_effort": batch_effort}
-        if capture:
-            result["cache"] = cache
-        if sample:
-            result.update(gaps=gaps, mins=mins,
-                          bottoms={k: np.concatenate(v) for k, v in bottoms.items()})
-        return result
-
-    def commit(self, settings, changed_layer=None, desc="commit"):
-        """Make `settings` the committed setting on the search images (re-running from
-        `changed_layer` when the cache allows) and return its evaluation."""
-        result = self.evaluate(settings, "search", start_layer=changed_layer, capture=True,
-                               desc=desc)
-        cache = {}
-        if self.committed is not None:
-            for name, blobs in self.committed["cache"].items():
-                if self.index[name] <= result["start"]:
-                    cache[name] = blobs
-        cache.update(result.pop("cache"))
-        self.committed = {"settings": copy.deepcopy(settings), "cache": cache,
-                          "batch_effort": result["batch_effort"]}
-        return result
-
-
-# ============================================================================ layer statistics
-
-def _conv_geometry(layer):
-    cp = layer.convolution_param
-
-    def pair(rep, h, w, default):
-        if cp.HasField(h) or cp.HasField(w):
-            return getattr(cp, h), getattr(cp, w)
-        vals = list(getattr(cp, rep))
-        if not vals:
-            return default, default
-        return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
-
-    stride = pair("stride", "stride_h", "stride_w", 1)
-    pad = pair("pad", "pad_h", "pad_w", 0)
-    dil = list(cp.dilation)
-    dilation = (1, 1) if not dil else ((dil[0], dil[0]) if len(dil) == 1 else tuple(dil[:2]))
-    return {"stride": stride, "pad": pad, "dilation": dilation, "group": cp.group or 1}
-
-
-def _prefix_count(f, total):
-    return max(1, int(math.ceil(f * total - 1e-6)))
-
-
-def layer_stats(layer, weights, bias, bottom, rng, fractions=SPET_FRACTIONS,
-                positions=STATS_POSITIONS):
-    """Samples of a DyVE layer's pre-activations and SPET partial sums, from its input.
-
-    Returns {"z": full pre-activations, "partial": {f: partial sums (prefix channels of
-    the per-layer order, plus bias)}, "ranges": per-map input ranges (conv),
-    "fan_channels": input channels per group (inputs of an inner product)}.
-    """
-    w = np.asarray(weights, np.float64)
-    b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
-    x = np.asarray(bottom, np.float64)
-    z_all, part_all, ranges = [], {f: [] for f in fractions}, None
-    bound_all = {f: [] for f in fractions}
-    if layer.type == "DyveInnerProduct":
-        ipp = layer.inner_product_param
-        axis = ipp.axis if ipp.HasField("axis") else 1
-        xs = x.reshape(int(np.prod(x.shape[:axis])), -1)
-        w = w.T if ipp.transpose else w
-        w = w.reshape(w.shape[0], -1)
-        fan = w.shape[1]
-        order = np.argsort(-np.abs(w).sum(axis=0), kind="stable")
-        z_all.append((xs @ w.T + b).ravel())
-        for f in fractions:
-            pre = order[:_prefix_count(f, w.shape[1])]
-            part_all[f].append((xs[:, pre] @ w[:, pre].T + b).ravel())
-    else:
-        g = _conv_geometry(layer)
-        (sh, sw), (ph, pw), (dh, dw), groups = g["stride"], g["pad"], g["dilation"], g["group"]
-        o, cg, kh, kw = w.shape
-        fan = cg
-        og = o // groups
-        n, c, h, wd = x.shape
-        ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-        wo = (wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-        ranges = (x.max(axis=(2, 3)) - x.min(axis=(2, 3))).ravel()
-        wg = w.reshape(groups, og, cg, kh * kw)
-        orders = [np.argsort(-np.abs(wg[gi]).sum(axis=(0, 2)), kind="stable")
-                  for gi in range(groups)]
-        for i in range(n):
-            xp = np.pad(x[i], ((0, 0), (ph, ph), (pw, pw)))
-            pos = np.sort(rng.choice(ho * wo, size=min(positions, ho * wo), replace=False))
-            oy, ox = np.divmod(pos, wo)
-            cols = np.empty((c, kh * kw, len(pos)))
-            for a in range(kh):
-                for bb in range(kw):
-                    cols[:, a * kw + bb, :] = xp[:, oy * sh + a * dh, ox * sw + bb * dw]
-            for gi in range(groups):
-                cgrp = cols[gi * cg:(gi + 1) * cg]
-                bg = b[gi * og:(gi + 1) * og, None]
-                z_all.append((np.einsum("ock,ckp->op", wg[gi], cgrp) + bg).ravel())
-                for f in fractions:
-                    pre = orders[gi][:_prefix_count(f, cg)]
-                    rest = orders[gi][_prefix_count(f, cg):]
-                    part_all[f].append((np.einsum("ock,ckp->op", wg[gi][:, pre],
-                                                  cgrp[pre]) + bg).ravel())
-                    # BOUND gate: positive weight sums times the taps' maxima
-                    bound_all[f].append(np.einsum(
-                        "oc,cp->op", np.maximum(wg[gi][:, rest], 0).sum(axis=2),
-                        cgrp[rest].max(axis=1)).ravel())
-    return {"z": np.concatenate(z_all),
-            "partial": {f: np.concatenate(v) for f, v in part_all.items()},
-            "bound": {f: np.concatenate(v) for f, v in bound_all.items() if v},
-            "ranges": ranges, "fan_channels": fan}
-
-
-def build_levels(layer, stats, knobs, top_shape):
-    """{knob: [level dicts]} for one DyVE layer, plus a per-level description."""
-    levels = {}
-    z = stats["z"]
-    if "spet" in knobs:
-        items, prefixes = [], set()
-        for f in SPET_FRACTIONS:
-            prefix = _prefix_count(f, stats["fan_channels"])
-            if prefix >= stats["fan_channels"] or prefix in prefixes:
-                continue  # the prefix is every channel (nothing to skip), or seen already
-            prefixes.add(prefix)
-            p = stats["partial"][f]
-            if layer.type == "DyveConvolution":
-                u = stats["bound"][f]
-                for s in SPET_BOUND_SCALES:
-                    zero = p + np.float32(s) * u < 0
-                    items.append({"set": {"enabled": True, "fraction": f, "threshold": 0.0,
-                                           "gate": "BOUND", "bound_scale": s},
-                                  "scale": {"bound_scale": s,
-                                            "predicted_zero": _round(float(np.mean(zero)), 4),
-                                            "wrongly_zeroed": _round(float(np.mean(zero & (z > 0))), 4)}})
-                continue
-            sd = float(np.std(p)) or 1.0
-            for m in SPET_STD_MULTIPLES:
-                t = _round(m * sd)
-                zero = p < t
-                items.append({"set": {"enabled": True, "fraction": f, "threshold": t},
-                              "scale": {"std_multiple": m, "partial_std": _round(sd),
-                                        "predicted_zero": _round(float(np.mean(zero)), 4),
-                                        "wrongly_zeroed": _round(float(np.mean(zero & (z > 0))), 4)}})
-        levels["spet"] = items
-    is_conv = layer.type == "DyveConvolution"
-    if "sdss" in knobs and is_conv and int(np.prod(top_shape[2:])) > 1:
-        pos = z[z > 0]
-        ts = [(0.0, None)] + ([(_round(np.quantile(pos, q)), q) for q in SDSS_QUANTILES]
-                              if len(pos) else [])
-        items, seen = [], set()
-        for t, q in ts:
-            if t in seen:
-                continue
-            seen.add(t)
-            items.append({"set": {"enabled": True, "stride": SDSS_STRIDE, "threshold": t,
-                                  "fill": "MEAN"},
-                          "scale": {"positive_output_quantile": q}})
-        levels["sdss"] = items
-    if "sfma" in knobs and is_conv and stats["ranges"] is not None:
-        r = stats["ranges"]
-        ts = ([(0.0, None)] if np.any(r <= 0) else []) + \
-            [(_round(np.quantile(r, q)), q) for q in SFMA_QUANTILES]
-        items, seen = [], set()
-        for t, q in ts:
-            if t in seen:
-                continue
-            seen.add(t)
-            items.append({"set": {"enabled": True, "threshold": t, "spread": "RANGE"},
-                          "scale": {"input_range_quantile": q,
-                                    "maps_replaced": _round(float(np.mean(r <= t)), 4)}})
-        levels["sfma"] = items
-    return levels
-
-
-def pareto_ladder(points, floor_ops, budget):
-    """Indices of sweep points forming a track's greedy ladder, least aggressive first.
-
-    `points` = [(ops, cost, bound)] (the search uses the gate for both). Drops points that
-    save nothing or whose bound alone is over the budget, then keeps the Pareto front (no
-    other point with fewer-or-equal ops and lower-or-equal cost), by decreasing ops.
-    """
-    ok = [i for i, (ops, loss, bound) in enumerate(points)
-          if ops < floor_ops and bound <= budget + 1e-9]
-    ok.sort(key=lambda i: (points[i][0], points[i][1], i))
-    front, best = [], math.inf
-    for i in ok:
-        if points[i][1] < best - 1e-12:
-            front.append(i)
-            best = points[i][1]
-    return list(reversed(front))
-
-
 # ============================================================================ the search
 
 def _with_level(settings, layer, knob, level):
+    """`settings` with `level` applied to one knob of one layer: a new setting, so it is
+    validated here, once."""
     out = copy.deepcopy(settings)
-    s = dyve_settings.normalize(out.get(layer, {"relu": True}))
+    s = copy.deepcopy(settings[layer])  # its own dict, even if others share one
     s[knob].update(level)
-    out[layer] = s
+    out[layer] = dyve_settings.normalize(s)
     return out
 
 
@@ -949,27 +187,13 @@ def _apply_to_param(net_param, final, what):
     by_name = {layer.name: layer for layer in out.layer}
     for name, s in final.items():
         layer = by_name.get(name)
-        if layer is None or not _is_dyve_type(layer.type):
+        if layer is None or layer.type not in dyve_settings.DYVE_TYPES:
             raise TuneError(f"{what}: no DyVE layer named '{name}' to carry the tuned "
                             "settings")
         param = dict(compact(s), relu=True)
         layer.ClearField("dyve_param")
         json_format.ParseDict(param, layer.dyve_param)
     return out
-
-
-def _other_macs(net, dyve):
-    """MACs per image of the stock Convolution / InnerProduct layers (not DyVE)."""
-    total = 0
-    for name, layer in zip(net._layer_names, net.layers):
-        if name in dyve or layer.type not in ("Convolution", "InnerProduct"):
-            continue
-        top = net.blobs[net.top_names[name][0]].data
-        w = net.params[name][0].data
-        fan_in = int(np.prod(w.shape[1:])) if layer.type == "Convolution" else \
-            int(w.size // (top.size // top.shape[0]))
-        total += (top.size // top.shape[0]) * fan_in
-    return int(total)
 
 
 def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed=1701,
@@ -997,26 +221,22 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         raise TuneError(f"--batch must be >= 1, got {batch}")
     if max_images is not None and max_images < 1:
         raise TuneError(f"--max-images must be >= 1, got {max_images}")
-    if not weights or not os.path.isfile(weights):
-        raise TuneError(f"--weights: caffemodel {weights!r} does not exist")
-    if calib is None or not os.path.exists(calib):
-        raise TuneError(f"--calib: {calib!r} does not exist")
-    net_param, converted = prepare_model(model)
+    caffe_io.need_file(weights, "--weights", "caffemodel")
+    calib_kind = caffe_io.image_source(calib, "--calib")
+    net_param, converted = caffe_io.dyve_net_param(model)
     tv_param = None
     if train_val:
-        tv_param, _ = prepare_model(train_val, what="--train-val")
+        tv_param, _ = caffe_io.dyve_net_param(train_val, what="--train-val")
     out_dir = out_dir or os.path.join("reports", net_name(model), "tune")
 
-    net = load_net(net_param, weights)
-    in_shape = tuple(net.blobs[net.inputs[0]].data.shape[1:]) if len(net.inputs) == 1 \
-        else None
-    if in_shape is None or len(in_shape) != 3:
-        raise TuneError("--model: the net needs one image input blob (N x C x H x W)")
-    mean_arr, mean_hw = load_mean(mean, in_shape)
-    images, labels, calib_info = load_calibration(calib, in_shape, max_images, seed,
-                                                  target_hw=mean_hw)
+    net = caffe_io.load_net(net_param, weights, model_name=model)
+    in_shape = tuple(net.blobs[caffe_io.input_blob(net)].data.shape[1:])
+    images, labels = caffe_io.load_images(calib, in_shape, mean, max_images, seed, "--calib")
+    classes = net.blobs[caffe_io.output_blob(net)].data[0].size
+    caffe_io.check_labels(labels, classes, calib, "--calib")
+    calib_info = {"kind": calib_kind, "path": calib, "count": int(len(labels))}
     search_idx, hold_idx = split_indices(len(images), holdout, seed)
-    ev = Evaluator(net, images, mean_arr, batch, search_idx, hold_idx, cache_mb, progress)
+    ev = Evaluator(net, images, batch, search_idx, hold_idx, cache_mb, progress)
     if not ev.dyve:
         raise TuneError(f"--model: {model} has no DyVE layer")
     layer_params = {layer.name: layer for layer in net_param.layer}
@@ -1057,7 +277,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     }
     evals = result["evaluations"]
     y_s, y_h = labels[search_idx], labels[hold_idx]
-    off = {n: dict(ev.base[n]) for n in ev.dyve}
+    off = copy.deepcopy(ev.base)
     state = {"phase": "baseline", "best": copy.deepcopy(off), "steps": []}
 
     def record(stage, settings, res, p0, y, layer=None, knob=None, level=None,
@@ -1098,8 +318,10 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
             "accuracy_holdout": (100.0 * float(np.mean(p0_h == y_h)) if len(hold_idx)
                                  else None),
             "ops": base["ops"], "dense_macs": dense,
-            "other_macs": _other_macs(net, ev.dyve),
-            "ops_per_layer": {n: _ops(base["effort"][n]) / base["n"] for n in ev.dyve}}
+            "other_macs": sum(m for n, m in caffe_io.layer_macs(net).items()
+                              if n not in ev.dyve),
+            "ops_per_layer": {n: dyve_effort.ops(base["effort"][n]) / base["n"]
+                              for n in ev.dyve}}
         say(f"baseline: top-1 {result['baseline']['accuracy']:.2f} % on {len(images)} "
             f"calibration images, {dense / 1e6:.3f} M MACs/image in DyVE layers")
 
@@ -1115,7 +337,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                                  "min_bottom": lowest,
                                  "exact": bool(ok and "exact" in knobs)}
             if ok and "exact" in knobs:
-                floor[name] = {"relu": True, "spet": {"exact": True}}
+                floor[name] = dyve_settings.normalize({"relu": True, "spet": {"exact": True}})
         state["best"] = copy.deepcopy(floor)
         t0 = time.time()
         fl = ev.commit(floor, desc="floor (search)")
@@ -1141,14 +363,14 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         result["floor"] = {"settings": {n: compact(s) for n, s in floor.items()},
                            "eligibility": eligibility, "ops": fl["ops"],
                            "rounding_ties": ties,
-                           "effort_per_image": _per_image(fl["effort"], fl["n"]),
-                           "ops_per_layer": {n: _ops(fl["effort"][n]) / fl["n"]
+                           "effort_per_image": dyve_effort.per_image(fl["effort"], fl["n"]),
+                           "ops_per_layer": {n: dyve_effort.ops(fl["effort"][n]) / fl["n"]
                                              for n in ev.dyve}}
         state["steps"] = [{"settings": copy.deepcopy(floor), "ops": fl["ops"],
                            "loss": st["loss"], "ucb": st["ucb"], "gate": st["gate"],
-                           "ops_per_layer": {n: _ops(fl["effort"][n]) / fl["n"]
+                           "ops_per_layer": {n: dyve_effort.ops(fl["effort"][n]) / fl["n"]
                                              for n in ev.dyve},
-                           "effort": _per_image(fl["effort"], fl["n"])}]
+                           "effort": dyve_effort.per_image(fl["effort"], fl["n"])}]
         floor_ops = fl["ops"]
         say(f"exact floor on {', '.join(n for n in ev.dyve if eligibility[n]['exact']) or 'no layer'}: "
             f"{floor_ops / 1e6:.3f} M ops/image (predictions unchanged)")
@@ -1171,14 +393,14 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
             w = net.params[name][0].data
             b = net.params[name][1].data if len(net.params[name]) > 1 else None
             top_shape = net.blobs[net.top_names[name][0]].data.shape
-            stats = layer_stats(layer, w, b, sample, rng)
-            lv = build_levels(layer, stats, approx if ev.base[name]["relu"] else
+            sample_stats = layer_stats(layer, w, b, sample, rng)
+            lv = build_levels(layer, sample_stats, approx if ev.base[name]["relu"] else
                               [k for k in approx if k == "sfma"], top_shape)
             all_levels[name] = lv
             result["levels"][name] = {
                 "stats_images": int(len(sample)),
-                "z_std": _round(float(np.std(stats["z"]))),
-                "positive_fraction": _round(float(np.mean(stats["z"] > 0)), 4),
+                "z_std": round_sig(float(np.std(sample_stats["z"]))),
+                "positive_fraction": round_sig(float(np.mean(sample_stats["z"] > 0)), 4),
                 "ladders": {k: [dict(level=i, **item) for i, item in enumerate(v)]
                             for k, v in lv.items()}}
         total = sum(len(v) for lv in all_levels.values() for v in lv.values())
@@ -1282,9 +504,9 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                  "n_rw": st["n_rw"], "n_wr": st["n_wr"]})
             state["steps"].append({"settings": copy.deepcopy(current), "ops": res["ops"],
                                    "loss": st["loss"], "ucb": st["ucb"], "gate": st["gate"],
-                                   "ops_per_layer": {n: _ops(res["effort"][n]) / res["n"]
+                                   "ops_per_layer": {n: dyve_effort.ops(res["effort"][n]) / res["n"]
                                                      for n in ev.dyve},
-                                   "effort": _per_image(res["effort"], res["n"])})
+                                   "effort": dyve_effort.per_image(res["effort"], res["n"])})
             cur_res = ev.commit(current, changed_layer=t[0], desc=f"round {rnd}: commit")
             if not np.array_equal(cur_res["preds"], res["preds"]):
                 raise TuneError(f"re-running the accepted setting of round {rnd} gave "
@@ -1340,18 +562,18 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         tqdm.write(f"interrupted during {state['phase']}: writing the best setting so far")
 
     # -------------------------------------------------------------------- final
-    final = {n: dyve_settings.normalize(state["best"].get(n, ev.base[n])) for n in ev.dyve}
+    final = {n: state["best"].get(n, ev.base[n]) for n in ev.dyve}
     result["final_settings"] = {n: compact(s) for n, s in final.items()}
     result["final_settings_full"] = final
     summary = {"holdout_verified": bool(result.get("holdout", {}).get("passed"))}
     if state.get("floor_checked") and state["steps"] and all(
-            dyve_settings.normalize(state["steps"][0]["settings"][n]) == final[n]
+            state["steps"][0]["settings"][n] == final[n]
             for n in ev.dyve):
         summary["holdout_verified"] = True  # the exact floor: same predictions as dense
     # Search-set ops of the final setting: from the greedy step it corresponds to.
     final_ops = None
     for step in state.get("steps", []):
-        if all(dyve_settings.normalize(step["settings"].get(n, ev.base[n])) == final[n]
+        if all(step["settings"].get(n, ev.base[n]) == final[n]
                for n in ev.dyve):
             final_ops = step["ops"]
             summary.update(search_loss=step["loss"], search_ucb=step["ucb"],
@@ -1555,7 +777,7 @@ def main(argv=None):
                       train_val=args.train_val, patience=args.patience,
                       sweep_images=args.sweep_images, cache_mb=args.cache_mb,
                       bank_gains=args.bank_gains, progress=not args.quiet)
-    except TuneError as error:
+    except DyveError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown_summary(result))

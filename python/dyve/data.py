@@ -57,6 +57,7 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
+from dyve.errors import DyveError
 from dyve.tools import REPO_ROOT, caffe_tool
 
 FORMAT_VERSION = 1
@@ -75,7 +76,7 @@ DEFAULT_CIFAR10_OUT = os.path.join(REPO_ROOT, "data", "cifar10")
 DEFAULT_IMAGENET_OUT = os.path.join(REPO_ROOT, "data", "imagenet")
 
 
-class DataError(RuntimeError):
+class DataError(DyveError):
     """A problem with the input data or a conversion step, with a message for the user."""
 
 

@@ -38,6 +38,7 @@ import time
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 from dyve import data, files, nets, solvers  # noqa: E402
+from dyve.errors import DyveError  # noqa: E402
 from dyve.tools import REPO_ROOT, caffe_tool  # noqa: E402
 
 NETS = solvers.NETS  # the nets with a schedule (solvers.SCHEDULES, also for --schedule)
@@ -52,7 +53,7 @@ _TRAIN_LOSS = re.compile(r"Iteration (\d+).*, loss = ([-+0-9.eE]+|nan|inf)")
 _TEST_OUTPUT = re.compile(r"\] (\w+) = ([-+0-9.eE]+)(?: \(|$)")
 
 
-class TrainError(RuntimeError):
+class TrainError(DyveError):
     """A failed Caffe step, with a message for the user."""
 
 

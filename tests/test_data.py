@@ -300,3 +300,59 @@ def test_imagenet_unknown_wnid(tmp_path):
     with pytest.raises(data.DataError, match="n99999999_fake.JPEG: unknown wnid"):
         data.prepare_imagenet(str(folder), str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == []
+
+
+# ----------------------------------------------------------------------------- bad records
+
+def _lmdb_of(path, records):
+    import lmdb
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for key, value in records:
+            txn.put(key, value)
+    env.close()
+    return str(path)
+
+
+def _datum(**fields):
+    from caffe.proto import caffe_pb2
+    return caffe_pb2.Datum(**fields).SerializeToString()
+
+
+def test_corrupt_lmdb_records_name_file_and_key(tmp_path):
+    ok, jpeg = cv2.imencode(".jpg", np.full((8, 8, 3), 99, np.uint8))
+    assert ok
+    good = _datum(channels=3, height=2, width=2, data=bytes(12), label=1)
+    cases = {
+        "truncated": _datum(channels=3, height=8, width=8, encoded=True,
+                            data=jpeg.tobytes()[:20], label=0),
+        "short": _datum(channels=3, height=4, width=4, data=bytes(10), label=0),
+        "notdatum": b"\xff\xff\xff\xff garbage",
+    }
+    for name, value in cases.items():
+        db = _lmdb_of(tmp_path / name, [(b"00000000_ok", good), (b"00000001_bad", value)])
+        with pytest.raises(data.DataError, match=r"record '00000001_bad'") as err:
+            data.read_lmdb(db)
+        assert db in str(err.value)
+    images, labels = data.read_lmdb(_lmdb_of(tmp_path / "fine", [(b"k", good)]))
+    assert images.shape == (1, 3, 2, 2) and list(labels) == [1]
+
+
+def test_garbage_data_mdb_is_a_data_error(tmp_path):
+    db = tmp_path / "garbage_lmdb"
+    db.mkdir()
+    (db / "data.mdb").write_bytes(b"\x00not an lmdb\xff" * 1000)
+    with pytest.raises(data.DataError, match="garbage_lmdb"):
+        data.read_lmdb(str(db))
+
+
+def test_imagenet_missing_list_files_and_bad_resize(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for args, needle in ((["--wnids", str(tmp_path / "none.txt")], "wnids file"),
+                         (["--listfile", str(tmp_path / "none.txt")], "list file"),
+                         (["--resize", "0"], "resize"), (["--resize", "-5"], "resize")):
+        code = data.main(["imagenet", "--images", str(folder), "--out", str(tmp_path / "o"),
+                          *args])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("error: ") and needle in err, (args, err)

@@ -517,3 +517,59 @@ def test_conv_spet_ladder_uses_the_bound_gate_and_exact_is_opt_in():
     assert tune.compact(dyve_settings.normalize({"relu": True, "spet": {
         "enabled": True, "gate": "BOUND", "bound_scale": 0.5}}))["spet"] == {
         "enabled": True, "fraction": 0.5, "threshold": 0.0, "gate": "BOUND", "bound_scale": 0.5}
+
+
+# ---------------------------------------------------------------------------- faults and bad values
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--sweep-images", "-4", "--sweep-images"), ("--seed", "-1", "--seed"),
+    ("--seed", str(2 ** 40), "--seed"), ("--patience", "-1", "--patience"),
+    ("--max-images", "0", "--max-images"), ("--batch", "0", "--batch")])
+def test_bad_argument_values_are_one_line_errors(tiny, tmp_path, capsys, flag, value, needle):
+    code = tune.main(["--model", tiny["model"], "--weights", tiny["weights"], "--calib",
+                      tiny["calib"], "--out-dir", str(tmp_path), "--quiet", flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_huge_batch_is_clamped(tiny, tmp_path):
+    result = run(tiny, tmp_path, batch=2 ** 40, max_images=40, knobs=("sfma",))
+    assert result["config"]["batch"] == 40 and result["n_evaluations"] > 0  # the images
+
+
+def test_unwritable_out_dir_refused_before_tuning(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    seen = []
+    with pytest.raises(DyveError, match="cannot write"):
+        run(tiny, blocker / "below", hook=seen.append)
+    assert seen == []  # refused before the baseline ran
+
+
+def test_full_disk_never_leaves_a_net_without_its_search(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(tiny, out, max_images=60, knobs=("sfma",))
+    assert (out / "tuned_deploy.prototxt").is_file()
+    real = tune.dyve_files.write_atomic
+
+    def full(path, text):
+        if path.endswith("search.json"):
+            raise OSError(28, "No space left on device")
+        return real(path, text)
+
+    monkeypatch.setattr(tune.dyve_files, "write_atomic", full)
+    with pytest.raises(OSError):
+        run(tiny, out, max_images=60, knobs=("sfma",))
+    assert not (out / "tuned_deploy.prototxt").exists()  # the old net went first
+    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+
+
+def test_interrupted_prototxt_says_so(tiny, tmp_path):
+    def hook(record):
+        if record["stage"] == "sweep":
+            raise KeyboardInterrupt
+
+    run(tiny, tmp_path, hook=hook, max_images=60)
+    header = (tmp_path / "tuned_deploy.prototxt").read_text().splitlines()[0]
+    assert "INTERRUPTED during sweep" in header

@@ -205,15 +205,15 @@ def check_weights(net, weights, what="--weights", model=None):
 
 @contextlib.contextmanager
 def _prototxt_file(net_param):
-    """A temporary prototxt of `net_param` (pycaffe builds nets from files only)."""
+    """A path to `net_param` as a text prototxt (pycaffe builds nets from files only).
+
+    The file is unlinked before Caffe reads it, through /proc/self/fd, so nothing is left
+    behind even when a CHECK in Caffe aborts the process."""
     from google.protobuf import text_format
-    fd, path = tempfile.mkstemp(suffix=".prototxt", prefix="dyve_net_")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text_format.MessageToString(net_param))
-        yield path
-    finally:
-        os.remove(path)
+    with tempfile.TemporaryFile("w+", suffix=".prototxt", prefix="dyve_net_") as f:
+        f.write(text_format.MessageToString(net_param))
+        f.flush()
+        yield f"/proc/self/fd/{f.fileno()}"
 
 
 def load_net(model, weights=None, what="--weights", model_name=None):
@@ -251,6 +251,14 @@ def output_blob(net, what="--model"):
         return "prob"
     raise InputError(f"{what}: the net has outputs {outputs or 'none'}; give it one output "
                      "(or one named 'prob') to score")
+
+
+INT_MAX = 2 ** 31 - 1  # Caffe counts a blob's elements in an int
+
+
+def max_batch(input_shape):
+    """The largest batch whose input blob Caffe can hold."""
+    return max(1, INT_MAX // int(np.prod(input_shape)))
 
 
 def reshape(net, batch):

@@ -52,7 +52,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -269,40 +268,68 @@ def read_mean(path):
     return data.reshape(shape[-3:])
 
 
+def _datum_image(datum, value, path, key):
+    """uint8 C x H x W of one LMDB record, or a DataError naming the file and the key."""
+    where = f"{path}: record {key.decode(errors='replace')!r}"
+    try:
+        datum.ParseFromString(value)
+    except Exception as error:  # protobuf DecodeError
+        raise DataError(f"{where} is not a Caffe Datum: {error}") from None
+    if datum.encoded:
+        import cv2
+        img = cv2.imdecode(np.frombuffer(datum.data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise DataError(f"{where}: OpenCV cannot decode its encoded image (truncated "
+                            "or not an image)")
+        return img.transpose(2, 0, 1)
+    shape = (datum.channels, datum.height, datum.width)
+    count = int(np.prod(shape))
+    if count == 0:
+        raise DataError(f"{where}: the Datum has shape {'x'.join(map(str, shape))}")
+    if datum.data:
+        if len(datum.data) != count:
+            raise DataError(f"{where}: {len(datum.data)} bytes for shape "
+                            f"{'x'.join(map(str, shape))} ({count} expected)")
+        return np.frombuffer(datum.data, np.uint8).reshape(shape)
+    if len(datum.float_data) != count:
+        raise DataError(f"{where}: {len(datum.float_data)} float values for shape "
+                        f"{'x'.join(map(str, shape))} ({count} expected)")
+    values = np.asarray(datum.float_data, np.float32)
+    if not (np.all(np.isfinite(values)) and values.min() >= 0 and values.max() <= 255):
+        raise DataError(f"{where}: float pixels outside 0..255 (this loader keeps uint8)")
+    return values.reshape(shape).astype(np.uint8)
+
+
 def read_lmdb(path, limit=None, with_keys=False):
     """Read a Caffe Datum LMDB: (uint8 images N x C x H x W, int64 labels[, keys]).
 
-    Raw datums go through ``caffe.io.datum_to_array``; encoded ones are decoded with OpenCV
-    (BGR, like Caffe's data layer). ``limit`` reads only the first entries in key order.
+    Raw datums are read as stored; encoded ones are decoded with OpenCV (BGR, like Caffe's
+    data layer). ``limit`` reads only the first entries in key order. A record that is not
+    a Datum, does not decode or does not fill its shape is a DataError naming the key.
     """
     import lmdb
-    import caffe.io
     from caffe.proto import caffe_pb2
     if not os.path.isdir(path):
         raise DataError(f"no LMDB at {path}")
     images, labels, keys = [], [], []
     datum = caffe_pb2.Datum()
-    env = lmdb.open(path, readonly=True, lock=False, subdir=True)
     try:
-        with env.begin() as txn, warnings.catch_warnings():
-            # caffe.io.datum_to_array uses the deprecated np.fromstring
-            warnings.simplefilter("ignore", DeprecationWarning)
+        env = lmdb.open(path, readonly=True, lock=False, subdir=True)
+    except lmdb.Error as error:
+        raise DataError(f"{path}: not a readable LMDB: {error}") from None
+    try:
+        with env.begin() as txn:
             total = env.stat()["entries"]
             total = total if limit is None else min(limit, total)
             for i, (key, value) in enumerate(_progress(txn.cursor(), total=total,
                                                        desc="reading", unit=" img")):
                 if limit is not None and i >= limit:
                     break
-                datum.ParseFromString(value)
-                if datum.encoded:
-                    import cv2
-                    img = cv2.imdecode(np.frombuffer(datum.data, np.uint8), cv2.IMREAD_COLOR)
-                    arr = img.transpose(2, 0, 1)
-                else:
-                    arr = caffe.io.datum_to_array(datum)
-                images.append(np.asarray(arr, dtype=np.uint8))
+                images.append(_datum_image(datum, value, path, key))
                 labels.append(datum.label)
-                keys.append(key.decode())
+                keys.append(key.decode(errors="replace"))
+    except lmdb.Error as error:
+        raise DataError(f"{path}: the LMDB is corrupt: {error}") from None
     finally:
         env.close()
     if images and len({a.shape for a in images}) > 1:
@@ -600,8 +627,15 @@ def prepare_cifar10(out_dir=None, binary=None, images=None, url=None, download=F
 
 # ----------------------------------------------------------------------------- ImageNet
 
+def _need_list_file(path, what):
+    if not os.path.isfile(path):
+        raise DataError(f"{what} {path} does not exist" if not os.path.exists(path)
+                        else f"{what} {path} is not a file")
+
+
 def read_wnids(path):
     """wnid -> class index (line position, counting from 0) of an ilsvrc2012_wnids file."""
+    _need_list_file(path, "wnids file")
     index = {}
     with open(path) as f:
         for line in f:
@@ -617,6 +651,7 @@ def imagenet_labels(images_dir, listfile=None, wnids=None):
     """[(relpath, label)] sorted by path, from a listfile or from wnid file-name prefixes."""
     items = []
     if listfile:
+        _need_list_file(listfile, "list file")
         with open(listfile) as f:
             for n, line in enumerate(f, 1):
                 line = line.rstrip("\n")
@@ -658,6 +693,8 @@ def prepare_imagenet(images_dir=None, out_dir=None, name=None, listfile=None, wn
     from the folder's name. Returns the summary (``skipped`` True when already up to date).
     """
     t0 = time.time()
+    if isinstance(resize, bool) or not isinstance(resize, int) or resize < 1:
+        raise DataError(f"resize must be a positive number of pixels, got {resize!r}")
     images_dir = os.path.abspath(images_dir or os.path.join(shared_data_dir(),
                                                             "imagenet-sample-dev"))
     if not os.path.isdir(images_dir):

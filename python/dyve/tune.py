@@ -40,6 +40,7 @@ KNOBS = ("exact", "spet", "sdss", "sfma")
 APPROX_KNOBS = ("spet", "sdss", "sfma")
 DEFAULT_KNOBS = APPROX_KNOBS  # exact mode is opt-in: it saves MACs but costs wall time
 TIE_TOLERANCE = 1e-4        # exact mode may flip a prediction only on a tie this close
+MAX_SEED = 2 ** 32 - 1      # numpy.random.RandomState's range
 
 # Keys of search.json that depend on the clock or the output location.
 VOLATILE_KEYS = ("elapsed_s", "time_s", "started", "finished", "out_dir", "files")
@@ -221,6 +222,14 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         raise TuneError(f"--batch must be >= 1, got {batch}")
     if max_images is not None and max_images < 1:
         raise TuneError(f"--max-images must be >= 1, got {max_images}")
+    if sweep_images is not None and sweep_images < 1:
+        raise TuneError(f"--sweep-images must be >= 1, got {sweep_images}")
+    if not 0 <= seed <= MAX_SEED:
+        raise TuneError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
+    if patience < 0:
+        raise TuneError(f"--patience must be >= 0, got {patience}")
+    if cache_mb < 0:
+        raise TuneError(f"--cache-mb must be >= 0, got {cache_mb}")
     caffe_io.need_file(weights, "--weights", "caffemodel")
     calib_kind = caffe_io.image_source(calib, "--calib")
     net_param, converted = caffe_io.dyve_net_param(model)
@@ -228,6 +237,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     if train_val:
         tv_param, _ = caffe_io.dyve_net_param(train_val, what="--train-val")
     out_dir = out_dir or os.path.join("reports", net_name(model), "tune")
+    if write:
+        dyve_files.ensure_writable_dir(out_dir)
 
     net = caffe_io.load_net(net_param, weights, model_name=model)
     in_shape = tuple(net.blobs[caffe_io.input_blob(net)].data.shape[1:])
@@ -235,6 +246,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     classes = net.blobs[caffe_io.output_blob(net)].data[0].size
     caffe_io.check_labels(labels, classes, calib, "--calib")
     calib_info = {"kind": calib_kind, "path": calib, "count": int(len(labels))}
+    # No bigger than the images (as bench does) nor than a blob Caffe can count.
+    batch = min(batch, len(images), caffe_io.max_batch(in_shape))
     search_idx, hold_idx = split_indices(len(images), holdout, seed)
     ev = Evaluator(net, images, batch, search_idx, hold_idx, cache_mb, progress)
     if not ev.dyve:
@@ -602,20 +615,30 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     if write:
         files = {}
         deploy = _apply_to_param(net_param, final, "--model")
+        state_note = (f"INTERRUPTED during {result['interrupted_in']}: the best setting "
+                      "accepted so far" + ("" if summary["holdout_verified"] else
+                                           ", not verified on the holdout") + "; "
+                      if result["interrupted"] else "")
         header = (f"# Tuned by python3 -m dyve.tune (budget {budget} pp, seed {seed}); "
-                  "see search.json\n")
+                  f"{state_note}see search.json\n")
         files["deploy"] = os.path.join(out_dir, "tuned_deploy.prototxt")
         if tv_param is not None:
             files["train_val"] = os.path.join(out_dir, "tuned_train_val.prototxt")
         files["json"] = os.path.join(out_dir, "search.json")
         files["md"] = os.path.join(out_dir, "search.md")
         result["files"] = files
-        dyve_files.write_atomic(files["deploy"], header + text_format.MessageToString(deploy))
+        nets_out = {"deploy": text_format.MessageToString(deploy)}
         if tv_param is not None:
-            tv = _apply_to_param(tv_param, final, "--train-val")
-            dyve_files.write_atomic(files["train_val"], header + text_format.MessageToString(tv))
+            nets_out["train_val"] = text_format.MessageToString(
+                _apply_to_param(tv_param, final, "--train-val"))
+        # A tuned net never stands beside a search that did not produce it: an old one
+        # goes first, the new one is written last, after its search.json and search.md.
+        for kind in nets_out:
+            dyve_files.remove_if_present(files[kind])
         dyve_files.write_atomic(files["json"], json.dumps(_jsonable(result), indent=1) + "\n")
         dyve_files.write_atomic(files["md"], markdown_summary(result))
+        for kind, text in nets_out.items():
+            dyve_files.write_atomic(files[kind], header + text)
     return result
 
 

@@ -19,6 +19,7 @@ import caffe
 from caffe.proto import caffe_pb2
 
 from dyve import caffe_io, ladders, live, tune
+from dyve.tuned import compact
 from dyve import settings as dyve_settings
 from dyve.errors import DyveError
 from dyve.evaluator import Evaluator
@@ -235,7 +236,7 @@ def test_outputs_and_tuned_prototxt_load(tiny, tuned):
     # the tuned deploy loads the stock caffemodel and carries the settings
     net = caffe.Net(str(out / "tuned_deploy.prototxt"), tiny["weights"], caffe.TEST)
     for name, c in result["final_settings"].items():
-        assert tune.compact(live.get_settings(net, name)) == c
+        assert compact(live.get_settings(net, name)) == c
     assert "DyVE tuning" in (out / "search.md").read_text()
 
 
@@ -514,7 +515,7 @@ def test_conv_spet_ladder_uses_the_bound_gate_and_exact_is_opt_in():
     assert all(item["scale"]["wrongly_zeroed"] == 0 for item in levels
                if item["set"]["bound_scale"] == 1.0)
     assert "exact" not in tune.DEFAULT_KNOBS
-    assert tune.compact(dyve_settings.normalize({"relu": True, "spet": {
+    assert compact(dyve_settings.normalize({"relu": True, "spet": {
         "enabled": True, "gate": "BOUND", "bound_scale": 0.5}}))["spet"] == {
         "enabled": True, "fraction": 0.5, "threshold": 0.0, "gate": "BOUND", "bound_scale": 0.5}
 

@@ -49,18 +49,26 @@ def _prefix_count(f, total):
     return max(1, int(math.ceil(f * total - 1e-6)))
 
 
+def interleaved_order(n):
+    """The paper's SPET order (spet.ordering INTERLEAVED): odd-indexed inputs first, then
+    the even-indexed ones, each in index order."""
+    return np.concatenate([np.arange(1, n, 2), np.arange(0, n, 2)])
+
+
 def layer_stats(layer, weights, bias, bottom, rng, fractions=SPET_FRACTIONS,
-                positions=STATS_POSITIONS):
+                positions=STATS_POSITIONS, ordering="PER_LAYER"):
     """Samples of a DyVE layer's pre-activations and SPET partial sums, from its input.
 
     Returns {"z": full pre-activations, "partial": {f: partial sums (prefix channels of
-    the per-layer order, plus bias)}, "ranges": per-map input ranges (conv),
-    "fan_channels": input channels per group (inputs of an inner product)}.
+    the layer's SPET order, plus bias)}, "ranges" and "variances": per-map input ranges and
+    population variances (conv), "fan_channels": input channels per group (inputs of an
+    inner product)}. `ordering`: PER_LAYER (channels by descending L1 norm of their
+    weights) or INTERLEAVED (interleaved_order).
     """
     w = np.asarray(weights, np.float64)
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
     x = np.asarray(bottom, np.float64)
-    z_all, part_all, ranges = [], {f: [] for f in fractions}, None
+    z_all, part_all, ranges, variances = [], {f: [] for f in fractions}, None, None
     bound_all = {f: [] for f in fractions}
     if layer.type == "DyveInnerProduct":
         ipp = layer.inner_product_param
@@ -69,7 +77,8 @@ def layer_stats(layer, weights, bias, bottom, rng, fractions=SPET_FRACTIONS,
         w = w.T if ipp.transpose else w
         w = w.reshape(w.shape[0], -1)
         fan = w.shape[1]
-        order = np.argsort(-np.abs(w).sum(axis=0), kind="stable")
+        order = interleaved_order(fan) if ordering == "INTERLEAVED" else \
+            np.argsort(-np.abs(w).sum(axis=0), kind="stable")
         z_all.append((xs @ w.T + b).ravel())
         for f in fractions:
             pre = order[:_prefix_count(f, w.shape[1])]
@@ -84,8 +93,10 @@ def layer_stats(layer, weights, bias, bottom, rng, fractions=SPET_FRACTIONS,
         ho = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
         wo = (wd + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
         ranges = (x.max(axis=(2, 3)) - x.min(axis=(2, 3))).ravel()
+        variances = x.var(axis=(2, 3)).ravel()
         wg = w.reshape(groups, og, cg, kh * kw)
-        orders = [np.argsort(-np.abs(wg[gi]).sum(axis=(0, 2)), kind="stable")
+        orders = [interleaved_order(cg) if ordering == "INTERLEAVED" else
+                  np.argsort(-np.abs(wg[gi]).sum(axis=(0, 2)), kind="stable")
                   for gi in range(groups)]
         for i in range(n):
             xp = np.pad(x[i], ((0, 0), (ph, ph), (pw, pw)))
@@ -111,7 +122,7 @@ def layer_stats(layer, weights, bias, bottom, rng, fractions=SPET_FRACTIONS,
     return {"z": np.concatenate(z_all),
             "partial": {f: np.concatenate(v) for f, v in part_all.items()},
             "bound": {f: np.concatenate(v) for f, v in bound_all.items() if v},
-            "ranges": ranges, "fan_channels": fan}
+            "ranges": ranges, "variances": variances, "fan_channels": fan}
 
 
 def build_levels(layer, stats, knobs, top_shape):

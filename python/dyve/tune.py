@@ -11,7 +11,6 @@ Library use: ``tune(model, weights, calib, ...) -> dict`` (the content of search
 """
 import argparse
 import copy
-import json
 import math
 import os
 import signal
@@ -22,7 +21,6 @@ if __name__ == "__main__":  # quiet Caffe's log before pycaffe loads glog
     os.environ.setdefault("GLOG_minloglevel", "2")
 
 import numpy as np
-from google.protobuf import json_format, text_format
 from tqdm import tqdm
 
 from caffe.proto import caffe_pb2
@@ -30,6 +28,7 @@ from caffe.proto import caffe_pb2
 from dyve import caffe_io, live, stats
 from dyve import effort as dyve_effort
 from dyve import files as dyve_files
+from dyve import tuned
 from dyve import settings as dyve_settings
 from dyve.errors import DyveError
 from dyve.evaluator import Evaluator
@@ -133,30 +132,6 @@ def _nonneg_producers(net, net_param):
 
 # ============================================================================ evaluation
 
-def compact(s):
-    """The enabled knobs of normalized settings (relu omitted; it is always on)."""
-    out = {}
-    spet = s["spet"]
-    if spet["enabled"] or spet["exact"]:
-        d = {}
-        if spet["enabled"]:
-            d.update(enabled=True, fraction=spet["fraction"], threshold=spet["threshold"])
-            if spet["ordering"] != "PER_LAYER":
-                d["ordering"] = spet["ordering"]
-            if spet["gate"] != "THRESHOLD":
-                d.update(gate=spet["gate"], bound_scale=spet["bound_scale"])
-        if spet["exact"]:
-            d["exact"] = True
-            if spet["check_interval"] != dyve_settings.DEFAULTS["spet"]["check_interval"]:
-                d["check_interval"] = spet["check_interval"]
-        out["spet"] = d
-    if s["sdss"]["enabled"]:
-        out["sdss"] = dict(s["sdss"])
-    if s["sfma"]["enabled"]:
-        out["sfma"] = dict(s["sfma"])
-    return out
-
-
 # ============================================================================ the search
 
 def _with_level(settings, layer, knob, level):
@@ -181,20 +156,6 @@ def net_name(model):
             if base.endswith(suffix) and len(base) > len(suffix):
                 base, changed = base[:-len(suffix)], True
     return base
-
-
-def _apply_to_param(net_param, final, what):
-    out = copy.deepcopy(net_param)
-    by_name = {layer.name: layer for layer in out.layer}
-    for name, s in final.items():
-        layer = by_name.get(name)
-        if layer is None or layer.type not in dyve_settings.DYVE_TYPES:
-            raise TuneError(f"{what}: no DyVE layer named '{name}' to carry the tuned "
-                            "settings")
-        param = dict(compact(s), relu=True)
-        layer.ClearField("dyve_param")
-        json_format.ParseDict(param, layer.dyve_param)
-    return out
 
 
 def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed=1701,
@@ -299,7 +260,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
             if p0 is not None else None
         rec = {"id": len(evals), "stage": stage, "subset": subset, "layer": layer,
                "knob": knob, "level": level,
-               "settings": {n: compact(s) for n, s in settings.items() if compact(s)},
+               "settings": {n: c for n, c in ((n, tuned.compact(s)) for n, s in settings.items())
+                            if c},
                "n": res["n"], "ops": res["ops"]}
         if st:
             rec.update({k: st[k] for k in ("n_rw", "n_wr", "n_changed", "loss", "se",
@@ -373,7 +335,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                                 "change any output: this is a bug in the DyVE layers")
             ties[part] = int(len(bad_img))
         state["floor_checked"] = fl_hold is not None
-        result["floor"] = {"settings": {n: compact(s) for n, s in floor.items()},
+        result["floor"] = {"settings": {n: tuned.compact(s) for n, s in floor.items()},
                            "eligibility": eligibility, "ops": fl["ops"],
                            "rounding_ties": ties,
                            "effort_per_image": dyve_effort.per_image(fl["effort"], fl["n"]),
@@ -576,7 +538,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
 
     # -------------------------------------------------------------------- final
     final = {n: state["best"].get(n, ev.base[n]) for n in ev.dyve}
-    result["final_settings"] = {n: compact(s) for n, s in final.items()}
+    result["final_settings"] = {n: tuned.compact(s) for n, s in final.items()}
     result["final_settings_full"] = final
     summary = {"holdout_verified": bool(result.get("holdout", {}).get("passed"))}
     if state.get("floor_checked") and state["steps"] and all(
@@ -613,48 +575,17 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     result["elapsed_s"] = round(time.time() - t_start, 1)
 
     if write:
-        files = {}
-        deploy = _apply_to_param(net_param, final, "--model")
         state_note = (f"INTERRUPTED during {result['interrupted_in']}: the best setting "
                       "accepted so far" + ("" if summary["holdout_verified"] else
                                            ", not verified on the holdout") + "; "
                       if result["interrupted"] else "")
         header = (f"# Tuned by python3 -m dyve.tune (budget {budget} pp, seed {seed}); "
                   f"{state_note}see search.json\n")
-        files["deploy"] = os.path.join(out_dir, "tuned_deploy.prototxt")
+        nets_out = {"deploy": tuned.apply_to_param(net_param, final, "--model")}
         if tv_param is not None:
-            files["train_val"] = os.path.join(out_dir, "tuned_train_val.prototxt")
-        files["json"] = os.path.join(out_dir, "search.json")
-        files["md"] = os.path.join(out_dir, "search.md")
-        result["files"] = files
-        nets_out = {"deploy": text_format.MessageToString(deploy)}
-        if tv_param is not None:
-            nets_out["train_val"] = text_format.MessageToString(
-                _apply_to_param(tv_param, final, "--train-val"))
-        # A tuned net never stands beside a search that did not produce it: an old one
-        # goes first, the new one is written last, after its search.json and search.md.
-        for kind in nets_out:
-            dyve_files.remove_if_present(files[kind])
-        dyve_files.write_atomic(files["json"], json.dumps(_jsonable(result), indent=1) + "\n")
-        dyve_files.write_atomic(files["md"], markdown_summary(result))
-        for kind, text in nets_out.items():
-            dyve_files.write_atomic(files[kind], header + text)
+            nets_out["train_val"] = tuned.apply_to_param(tv_param, final, "--train-val")
+        tuned.write_outputs(out_dir, result, nets_out, header, markdown_summary(result))
     return result
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        value = float(obj)
-        return value if math.isfinite(value) else str(value)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    return obj
 
 
 def _fmt_knobs(c):

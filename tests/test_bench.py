@@ -1,6 +1,7 @@
-"""Tests of python/dyve/bench.py (python3 -m dyve.bench): the summary.json schema on a
-tiny run, its internal consistency, the merged table, the tuning plot and the refusal of
-bad input. cifar10_quick with filler weights, 20 test images: well under a minute."""
+"""Tests of python3 -m dyve.bench (python/dyve/bench.py, timing.py, report.py): the
+summary.json schema on a tiny run, its internal consistency, the merged table, the tuning
+plot and the refusal of bad input. cifar10_quick with filler weights, 20 test images:
+well under a minute."""
 import json
 import os
 
@@ -11,7 +12,7 @@ import pytest
 
 import caffe
 
-from dyve import bench, nets
+from dyve import bench, nets, report
 from dyve.tools import REPO_ROOT
 
 PROTO = os.path.join(REPO_ROOT, "prototxt")
@@ -62,7 +63,7 @@ def summary_no_weights(tmp):
 
 @needs_data
 def test_summary_schema(summary, tmp):
-    for key, kind in bench.REQUIRED_KEYS.items():
+    for key, kind in report.REQUIRED_KEYS.items():
         assert key in summary, key
         assert isinstance(summary[key], kind), (key, type(summary[key]))
     assert summary["net"] == "cifar10_quick"
@@ -123,8 +124,8 @@ def test_no_weights_mode(summary_no_weights, tmp):
 @needs_data
 def test_table_merge_parses_back(summary, summary_no_weights, tmp, capsys):
     paths = [str(tmp / "with_weights" / "summary.json"), str(tmp / "no_weights" / "summary.json")]
-    md, plain = bench.merge_table(paths)
-    rows = bench.parse_table(plain)
+    md, plain = report.merge_table(paths)
+    rows = report.parse_table(plain)
     assert [r["net"] for r in rows] == ["cifar10_quick", "cifar10_quick"]
     a, b = rows
     assert a["weights"] == "yes" and b["weights"] == "none"
@@ -139,7 +140,7 @@ def test_table_merge_parses_back(summary, summary_no_weights, tmp, capsys):
     # the CLI prints the same plain table and writes the markdown
     md_path = tmp / "table.md"
     assert bench.main(["--table", *paths, "--table-md", str(md_path)]) == 0
-    assert bench.parse_table(capsys.readouterr().out) == rows
+    assert report.parse_table(capsys.readouterr().out) == rows
     assert md_path.read_text() == md
 
 
@@ -238,7 +239,7 @@ def test_table_refuses_non_summary(tmp):
     other = tmp / "other.json"
     other.write_text(json.dumps({"net": "x"}))
     with pytest.raises(bench.BenchError, match="not a dyve.bench summary"):
-        bench.merge_table([str(other)])
+        report.merge_table([str(other)])
 
 
 # ----------------------------------------------------------------------------- tuning plot
@@ -263,7 +264,7 @@ def test_plot_tuning(tmp, doc):
     path = tmp / "search.json"
     path.write_text(json.dumps(doc))
     out = tmp / "tuning.png"
-    assert bench.plot_tuning(str(path), str(out)) == 2
+    assert report.plot_tuning(str(path), str(out)) == 2
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -271,4 +272,4 @@ def test_plot_tuning_refuses_unknown_schema(tmp):
     path = tmp / "search_bad.json"
     path.write_text(json.dumps({"nothing": 1}))
     with pytest.raises(bench.BenchError, match="no list of tried settings"):
-        bench.plot_tuning(str(path), str(tmp / "x.png"))
+        report.plot_tuning(str(path), str(tmp / "x.png"))

@@ -1,78 +1,18 @@
 """Side-by-side benchmark of a stock Caffe net and its DyVE form (``python3 -m dyve.bench``).
 
-One run compares, with the same weights on the same images:
-
-* **accuracy** (one pass, batch ``--batch``): top-1 (and top-5 when the net has >= 100
-  classes) of the stock net, the DyVE net and, with ``--opencv``, OpenCV's dnn module
-  reading the stock deploy prototxt; the DyVE - stock difference with its paired flips
-  (right->wrong, wrong->right) and a 95 % confidence interval from the paired standard
-  error; and the DyVE effort counters (``dyve.live.effort``, reset first) per layer and
-  per knob. Operation counts:
-
-  - ``ops_dense`` = sum of ``macs_dense`` over the DyVE layers + the MACs of the stock
-    net's other Convolution / InnerProduct layers (from their shapes);
-  - ``ops_executed`` = sum of (``macs_executed`` + every ``ops_*`` overhead) over the
-    DyVE layers + the same non-DyVE MACs;
-  - ``ops_reduction`` = ops_dense / ops_executed ("whole net"), and the same restricted
-    to the DyVE layers (``ops_reduction_dyve_layers``). All three are totals over the
-    accuracy pass (``*_per_image`` divides by the images).
-
-* **wall time**: for each thread count a worker process of this module (hidden
-  ``--worker`` mode) starts with ``OPENBLAS_NUM_THREADS`` (and ``OMP_NUM_THREADS``,
-  ``cv2.setNumThreads``) set, since OpenBLAS reads it when it loads. At batch 1 and at
-  batch N it warms up, then for ``--repeats`` rounds runs the engines interleaved
-  (stock, DyVE[, OpenCV], stock, DyVE, ... one batch each) over the same fixed images
-  (the first ``--time-images``), and takes the median over the rounds of each engine's
-  per-image wall time; speedup = stock / DyVE. Per layer it times each DyVE layer against
-  the stock layer of the same name (``net._forward(i, i)``, the DyVE layer fed the stock
-  net's bottom blobs, interleaved, median), giving ms per image, speedup and the
-  *skipping efficiency* = layer speedup / layer op reduction (1.0: wall time falls as
-  fast as the operation count).
-
-Without ``--weights`` ("no weights" mode) the stock net's parameters get seeded filler
-values (He-normal weights, zero biases, where the deploy prototxt gives none) that are
-saved to a temporary caffemodel and loaded by the DyVE net (and OpenCV); accuracy is
-then meaningless and left out of the tables (top-1 is null in the JSON; the stock/DyVE
-prediction agreement is still reported), and the row is labelled
-"no weights: dense-path overhead only".
-
-Outputs (written atomically): ``<out-dir>/summary.json``, ``summary.md`` and
-``effort.png`` (per-layer MACs executed vs skipped by knob). ``--table FILE...`` merges
-several summaries into the paper-style table (markdown with ``--table-md``, a plain
-whitespace-separated table on stdout that :func:`parse_table` reads back).
-
-summary.json (``SCHEMA_VERSION`` 1), main keys:
-    net, label, schema_version, created, command, weights (path or null), stock, dyve,
-    images_source, mean, images (accuracy-pass images), num_classes, batch, repeats,
-    threads [int], batches [int], time_images,
-    baseline_top1, dyve_top1, opencv_top1 (float in [0, 1] or null), baseline_top5,
-    dyve_top5, opencv_top5 (or null), accuracy {top1: {stock, dyve, diff, diff_ci95,
-    se, flips_right_to_wrong, flips_wrong_to_right}, top5: ..., opencv_vs_stock: ...,
-    agreement_top1},
-    ops_dense, ops_executed (int totals), ops_reduction (float, whole net),
-    ops_dense_dyve_layers, ops_executed_dyve_layers, ops_reduction_dyve_layers,
-    ops_dense_per_image, ops_executed_per_image,
-    effort {layers: {name: {dyve, type, macs_dense, macs_executed, macs_skipped{knob},
-    ops_overhead{knob}, ops_dense, ops_executed, ops_reduction, neurons{...}, settings}},
-    knobs: {knob: {macs_skipped, ops_overhead, neurons}}},
-    speedup {"<batch>": {"<threads>": float}}, speedup_opencv (stock/OpenCV, same keys),
-    timings {"<batch>": {"<threads>": {ms_per_image {engine: median}, rounds_ms
-    {engine: [...]}, round_speedups [...], layers {name: {stock_ms, dyve_ms, speedup,
-    ops_reduction, skipping_efficiency}}, openblas_threads, loadavg}}},
-    machine {cpu_model, cores, openblas {library, config, corename, threads}, opencv,
-    numpy, python, loadavg}, warnings [str].
+With the same weights on the same images: accuracy (paired flips, 95 % interval), the DyVE
+effort counters as operation counts, and interleaved wall-time medians per batch size and
+OpenBLAS thread count (dyve.timing), written as summary.json, summary.md and effort.png
+(dyve.report). The operation counts, the timing method, the no-weights mode and the
+summary.json layout are in docs/bench.md.
 """
 import argparse
-import contextlib
-import ctypes
 import datetime
-import json
 import math
 import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,9 +22,9 @@ import numpy as np
 os.environ.setdefault("GLOG_minloglevel", "2")  # before Caffe loads: no net-init log
 
 from dyve import files  # noqa: E402
+from dyve.machine import _loadavg, machine_facts  # noqa: E402
 from dyve.tools import REPO_ROOT  # noqa: E402
 
-SCHEMA_VERSION = 1
 KNOBS = ("spet", "exact", "sdss", "sfma")
 # Neurons decided by each knob (docs/knobs.md counters).
 KNOB_NEURONS = {"spet": "spet_zeroed", "exact": "exact_stopped", "sdss": "sdss_filled",
@@ -94,14 +34,6 @@ WEIGHTED_TYPES = tuple(STOCK_TO_DYVE) + tuple(STOCK_TO_DYVE.values())
 ENGINES = ("stock", "dyve", "opencv")
 NO_WEIGHTS_LABEL = "no weights: dense-path overhead only"
 FILLER_SEED = 1704
-
-# Keys (and types) every summary.json has; tests and --table rely on them.
-REQUIRED_KEYS = {
-    "net": str, "images": int, "baseline_top1": (float, type(None)),
-    "dyve_top1": (float, type(None)), "ops_dense": int, "ops_executed": int,
-    "ops_reduction": float, "speedup": dict, "effort": dict, "timings": dict,
-    "accuracy": dict, "machine": dict, "command": str,
-}
 
 
 class BenchError(RuntimeError):
@@ -588,663 +520,6 @@ def effort_summary(effort, macs, types, settings, images):
     return {"images": images, "layers": layers, "knobs": knobs}, totals, warnings
 
 
-# ----------------------------------------------------------------------------- machine
-
-def openblas_info():
-    """The libopenblas this process loaded (from /proc/self/maps): path, config string,
-    core name and current thread count."""
-    paths = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
-                if "openblas" in os.path.basename(path).lower() and path not in paths:
-                    paths.append(path)
-    except OSError:
-        pass
-    paths.sort(key=lambda p: (not os.path.basename(p).startswith("libopenblas"), p))
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-            lib.openblas_get_config.restype = ctypes.c_char_p
-            info = {"library": os.path.realpath(path),
-                    "config": lib.openblas_get_config().decode(),
-                    "threads": int(lib.openblas_get_num_threads())}
-            with contextlib.suppress(AttributeError):
-                lib.openblas_get_corename.restype = ctypes.c_char_p
-                info["corename"] = lib.openblas_get_corename().decode()
-            return info
-        except (OSError, AttributeError):
-            continue
-    return {"library": None, "config": None, "threads": None}
-
-
-def _loadavg():
-    with contextlib.suppress(OSError):
-        return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
-    return None
-
-
-def machine_facts():
-    model = None
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    flags = []
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                flags = [f for f in ("avx", "avx2", "fma", "avx512f", "avx512_vnni") if f in have]
-                break
-    if shutil.which("lscpu"):
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-            m = re.search(r"^Model name:\s*(.+)$", out, re.M)
-            model = model or (m and m.group(1).strip())
-    facts = {"cpu_model": model, "cores": os.cpu_count(), "cpu_flags": flags,
-             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else None,
-             "openblas": openblas_info(), "python": sys.version.split()[0],
-             "numpy": np.__version__, "loadavg": _loadavg(),
-             "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}}
-    with contextlib.suppress(ImportError):
-        import cv2
-        facts["opencv"] = cv2.__version__
-    return facts
-
-
-# ----------------------------------------------------------------------------- timing
-
-def _median(values):
-    return float(np.median(values)) if len(values) else None
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
-def worker_main(spec_path):
-    """Hidden --worker mode: one thread count, all batch sizes; writes spec['out']."""
-    with open(spec_path) as f:
-        spec = json.load(f)
-    caffe = _caffe()
-    threads = spec["threads"]
-    stock = caffe.Net(spec["stock"], spec["weights"], caffe.TEST)
-    dyve = caffe.Net(spec["dyve"], spec["weights"], caffe.TEST)
-    images = np.load(spec["images"])
-    cv_net = _opencv_net(spec["stock"], spec["weights"], threads) if spec["opencv"] else None
-    result = {"threads": threads, "openblas": openblas_info(), "loadavg_before": _loadavg(),
-              "batches": {}}
-    if cv_net is not None:
-        import cv2
-        result["opencv_threads"] = cv2.getNumThreads()
-    repeats = spec["repeats"]
-    from dyve import live
-    stock_index = {n: i for i, n in enumerate(stock._layer_names)}
-
-    def stock_span(name):
-        """The stock layer, plus the in-place ReLU right after it: a DyVE layer with
-        relu: true does both, so that is what it replaces."""
-        i = stock_index[name]
-        top = stock.top_names[name]
-        nxt = stock._layer_names[i + 1] if i + 1 < len(stock.layers) else None
-        if (nxt is not None and stock.layers[i + 1].type == "ReLU"
-                and list(stock.bottom_names[nxt]) == list(top) == list(stock.top_names[nxt])
-                and live.get_settings(dyve, name).get("relu")):
-            return i, i + 1
-        return i, i
-    dyve_layers = [(n, i) for i, (n, l) in enumerate(zip(dyve._layer_names, dyve.layers))
-                   if l.type in STOCK_TO_DYVE.values()]
-    clock = time.perf_counter
-
-    for batch in spec["batches"]:
-        chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
-        for net in (stock, dyve):
-            _reshape(net, batch)
-
-        def run_caffe(net, x):
-            net.blobs[_input_name(net)].data[...] = x
-            t0 = clock()
-            net._forward(0, len(net.layers) - 1)
-            return clock() - t0
-
-        def run_cv(x):
-            cv_net.setInput(x)
-            t0 = clock()
-            cv_net.forward()
-            return clock() - t0
-
-        engines = {"stock": lambda x: run_caffe(stock, x), "dyve": lambda x: run_caffe(dyve, x)}
-        if cv_net is not None:
-            engines["opencv"] = run_cv
-        for fn in engines.values():  # warm-up
-            for x in chunks[:2] * 2:
-                fn(x)
-        rounds = {e: [] for e in engines}
-        for _ in _progress(range(repeats), desc=f"timing {threads}t b{batch}", unit=" round"):
-            total = dict.fromkeys(engines, 0.0)
-            for x in chunks:  # interleaved: stock, DyVE[, OpenCV] on each batch
-                for e, fn in engines.items():
-                    total[e] += fn(x)
-            for e in engines:
-                rounds[e].append(1e3 * total[e] / len(images))
-        # Per layer: the DyVE layer on the stock net's bottoms, interleaved with the stock one.
-        layer_rounds = {n: {"stock": [0.0] * repeats, "dyve": [0.0] * repeats}
-                        for n, _ in dyve_layers}
-        for x in _progress(chunks, desc=f"layers {threads}t b{batch}", unit=" batch"):
-            run_caffe(stock, x)
-            run_caffe(dyve, x)
-            for name, j in dyve_layers:
-                i, i_end = stock_span(name)
-                for bottom in dyve.bottom_names[name]:
-                    dyve.blobs[bottom].data[...] = stock.blobs[bottom].data
-                for r in range(repeats):
-                    # Alternate which layer runs first: the second one finds the
-                    # caches filled by the first (measured: up to 10 % either way).
-                    order = ((stock, i, i_end, "stock"), (dyve, j, j, "dyve"))
-                    for net, k, k_end, engine in (order if r % 2 == 0 else order[::-1]):
-                        t0 = clock()
-                        net._forward(k, k_end)
-                        layer_rounds[name][engine][r] += clock() - t0
-        result["batches"][str(batch)] = {
-            "images": len(images), "chunks": len(chunks), "rounds_ms": rounds,
-            "layers_rounds_ms": {n: {e: [1e3 * v / len(images) for v in vals]
-                                     for e, vals in d.items()}
-                                 for n, d in layer_rounds.items()}}
-    result["loadavg_after"] = _loadavg()
-    tmp = spec["out"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, spec["out"])
-    return 0
-
-
-def run_worker(spec, threads, tmp_dir):
-    """Run the timing worker for one thread count in a fresh process."""
-    spec = dict(spec, threads=threads,
-                out=os.path.join(tmp_dir, f"worker_{threads}.json"))
-    spec_path = os.path.join(tmp_dir, f"worker_{threads}_spec.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               GLOG_minloglevel=os.environ.get("GLOG_minloglevel", "2"))
-    import caffe
-    import dyve
-    paths = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__)))
-             for m in (caffe, dyve)]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-m", "dyve.bench", "--worker", spec_path], env=env)
-    if proc.returncode != 0 or not os.path.isfile(spec["out"]):
-        raise BenchError(f"timing worker with {threads} thread(s) failed (exit "
-                         f"{proc.returncode}); see its messages above")
-    with open(spec["out"]) as f:
-        return json.load(f)
-
-
-def timing_summary(worker, layer_reduction):
-    """Medians and ratios of one worker's raw rounds, per batch."""
-    out = {}
-    for batch, raw in worker["batches"].items():
-        med = {e: _median(v) for e, v in raw["rounds_ms"].items()}
-        paired = [s / d for s, d in zip(raw["rounds_ms"]["stock"], raw["rounds_ms"]["dyve"])
-                  if d]
-        layers = {}
-        for name, d in raw["layers_rounds_ms"].items():
-            s_ms, d_ms = _median(d["stock"]), _median(d["dyve"])
-            speed = _ratio(s_ms, d_ms)
-            red = layer_reduction.get(name)
-            layers[name] = {"stock_ms": s_ms, "dyve_ms": d_ms, "speedup": speed,
-                            "ops_reduction": red,
-                            "skipping_efficiency": _ratio(speed, red)}
-        out[batch] = {
-            "ms_per_image": med, "rounds_ms": raw["rounds_ms"],
-            "speedup": _ratio(med["stock"], med["dyve"]),
-            "speedup_opencv": _ratio(med["stock"], med.get("opencv")),
-            "round_speedups": paired,
-            "round_speedup_range": [min(paired), max(paired)] if paired else None,
-            "images": raw["images"], "layers": layers,
-            "openblas_threads": worker["openblas"].get("threads"),
-            "opencv_threads": worker.get("opencv_threads"),
-            "loadavg": [worker.get("loadavg_before"), worker.get("loadavg_after")]}
-    return out
-
-
-# ----------------------------------------------------------------------------- output
-
-def _json_default(obj):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def write_json(path, obj):
-    files.write_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _pct(v, digits=2):
-    return "—" if v is None else f"{100 * v:.{digits}f} %"
-
-
-def _x(v, digits=2):
-    return "—" if v is None else f"{v:.{digits}f}×"
-
-
-def _ms(v):
-    if v is None:
-        return "—"
-    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
-
-
-def _big(v):
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:.2f} {unit}"
-    return f"{v:.0f}"
-
-
-def _reference_threads(summary):
-    threads = summary.get("threads") or []
-    return 1 if 1 in threads else (min(threads) if threads else None)
-
-
-def _speedup(summary, batch, threads):
-    return (summary.get("speedup") or {}).get(str(batch), {}).get(str(threads))
-
-
-def _benchmark_label(summary):
-    label = summary["net"]
-    if not summary.get("weights"):
-        label += f" ({NO_WEIGHTS_LABEL})"
-    return label
-
-
-def _paper_row(summary):
-    t = _reference_threads(summary)
-    batches = summary.get("batches") or []
-    sp = " / ".join(_x(_speedup(summary, b, t)) for b in batches)
-    top1 = lambda v: _pct(v) if summary.get("weights") else "—"
-    return (f"| {_benchmark_label(summary)} | {top1(summary.get('baseline_top1'))} | "
-            f"{top1(summary.get('dyve_top1'))} | {_x(summary['ops_reduction'])} | {sp} |")
-
-
-def _paper_header(summary):
-    t = _reference_threads(summary)
-    b = " / ".join(f"batch {x}" for x in summary.get("batches") or [])
-    return ("| benchmark | baseline top-1 | DyVE top-1 | ops reduction | "
-            f"speedup ({b}, {t} thread{'s' if t != 1 else ''}) |\n|---|---|---|---|---|")
-
-
-def render_markdown(s):
-    lines = [f"# DyVE benchmark: {s['net']}", ""]
-    if not s.get("weights"):
-        lines += [f"**{NO_WEIGHTS_LABEL}**: filler weights (seed {FILLER_SEED}), so accuracy "
-                  "is meaningless and omitted; the timings measure the DyVE layers' cost "
-                  "against stock Caffe on the same work.", ""]
-    lines += [f"Stock `{s['stock']}` vs DyVE `{s['dyve']}`, weights "
-              f"`{s.get('weights') or 'none'}`, {s['images']} images of `{s['images_source']}`.",
-              "", _paper_header(s), _paper_row(s), ""]
-    acc = s["accuracy"]
-    if s.get("weights"):
-        lines += ["## Accuracy (paired, same images)", "",
-                  "| metric | stock | DyVE | DyVE − stock | 95 % CI | right→wrong | wrong→right |"
-                  + (" OpenCV |" if s.get("opencv") else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|" if s.get("opencv") else "")]
-        for k in ("top1", "top5"):
-            if k in acc:
-                a = acc[k]
-                lo, hi = a["diff_ci95"]
-                lines.append(f"| {k} | {_pct(a['stock'])} | {_pct(a['dyve'])} | "
-                             f"{100 * a['diff']:+.2f} pts | [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
-                             f"{a['flips_right_to_wrong']} | {a['flips_wrong_to_right']} |"
-                             + (f" {_pct(a.get('opencv'))} |" if s.get("opencv") else ""))
-        lines.append("")
-    lines += [f"Stock/DyVE top-1 prediction agreement: {_pct(acc['agreement_top1'])}"
-              + (f"; stock/OpenCV: {_pct(acc['agreement_top1_opencv'])}"
-                 if "agreement_top1_opencv" in acc else "") + ".", ""]
-
-    lines += ["## Wall time (ms per image, median of interleaved rounds)", "",
-              "| batch | threads | stock Caffe | DyVE | speedup | round speedups (min–max)"
-              + (" | OpenCV dnn | stock/OpenCV" if s.get("opencv") else "") + " |",
-              "|---|---|---|---|---|---|" + ("---|---|" if s.get("opencv") else "")]
-    for b, per in s["timings"].items():
-        for t, tm in per.items():
-            ms = tm["ms_per_image"]
-            rng = tm.get("round_speedup_range")
-            row = (f"| {b} | {t} | {_ms(ms['stock'])} | {_ms(ms['dyve'])} | {_x(tm['speedup'])} "
-                   f"| {_x(rng[0]) + '–' + _x(rng[1]) if rng else '—'}")
-            if s.get("opencv"):
-                row += f" | {_ms(ms.get('opencv'))} | {_x(tm.get('speedup_opencv'))}"
-            lines.append(row + " |")
-    lines += ["", f"Timed on the first {s['time_images']} images, {s['repeats']} rounds after a "
-              "warm-up; each round runs the engines one batch after the other.", ""]
-
-    eff = s["effort"]
-    n = eff["images"]
-    lines += ["## Effort per layer (per image, accuracy pass)", "",
-              "| layer | DyVE | dense MACs | executed MACs | skipped spet | exact | sdss | sfma "
-              "| overhead ops | ops reduction |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in eff["layers"].items():
-        dense = r["macs_dense"]
-        sk = " | ".join(f"{100 * r['macs_skipped'][k] / dense:.1f} %" if dense else "—"
-                        for k in KNOBS)
-        lines.append(f"| {name} | {'yes' if r['dyve'] else 'no'} | {_big(dense / n)} | "
-                     f"{_big(r['macs_executed'] / n)} | {sk} | "
-                     f"{_big(sum(r['ops_overhead'].values()) / n)} | {_x(r['ops_reduction'])} |")
-    lines += ["", f"Ops reduction: DyVE layers only {_x(s['ops_reduction_dyve_layers'], 3)}, "
-              f"whole net {_x(s['ops_reduction'], 3)} ({_big(s['ops_dense_per_image'])} → "
-              f"{_big(s['ops_executed_per_image'])} ops per image).", "",
-              "| knob | MACs skipped | overhead ops | net saved | share of dense ops | neurons |",
-              "|---|---|---|---|---|---|"]
-    for k, r in eff["knobs"].items():
-        lines.append(f"| {k} | {_big(r['macs_skipped'] / n)} | {_big(r['ops_overhead'] / n)} | "
-                     f"{_big(r['net_ops_saved'] / n)} | {100 * r['share_of_dense']:.2f} % | "
-                     f"{KNOB_NEURONS[k]} {_big(r[KNOB_NEURONS[k]] / n)} |")
-    lines += ["", "## Per layer wall time (DyVE layer vs the stock layer it replaces)", "",
-              "The stock time includes the in-place ReLU after the layer when the DyVE "
-              "layer fuses it (`relu: true`).", "",
-              "| batch | threads | layer | stock ms | DyVE ms | speedup | ops reduction | "
-              "skipping efficiency |", "|---|---|---|---|---|---|---|---|"]
-    for b, per in s["timings"].items():
-        for t, tm in per.items():
-            for name, r in tm["layers"].items():
-                eff_v = r["skipping_efficiency"]
-                lines.append(f"| {b} | {t} | {name} | {_ms(r['stock_ms'])} | {_ms(r['dyve_ms'])}"
-                             f" | {_x(r['speedup'])} | {_x(r['ops_reduction'])} | "
-                             f"{'—' if eff_v is None else f'{eff_v:.2f}'} |")
-    m = s["machine"]
-    ob = m.get("openblas") or {}
-    lines += ["", "## Machine", "",
-              f"* CPU: {m.get('cpu_model')}, {m.get('cores')} cores "
-              f"({', '.join(m.get('cpu_flags') or [])})",
-              f"* OpenBLAS: {ob.get('config')} ({ob.get('library')}); threads per run: "
-              + ", ".join(f"{t} → OpenBLAS {per.get('openblas_threads')}"
-                          for t, per in next(iter(s['timings'].values()), {}).items()),
-              f"* OpenCV {m.get('opencv')}, numpy {m.get('numpy')}, Python {m.get('python')}",
-              f"* load average at start {m.get('loadavg')} (shared machine: compare ratios, "
-              "not absolute times)", "", "## Command", "", f"    {s['command']}", ""]
-    if s.get("warnings"):
-        lines += ["## Warnings", ""] + [f"* {w}" for w in s["warnings"]] + [""]
-    return "\n".join(lines)
-
-
-def plot_effort(summary, out_png):
-    """Stacked bars per layer (per image): MACs executed, skipped by each knob, and the
-    knobs' overhead ops; non-DyVE conv/fc layers in grey."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    eff = summary["effort"]
-    n = eff["images"]
-    names = list(eff["layers"])
-    rows = [eff["layers"][k] for k in names]
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names) + 2), 4.5))
-    executed = np.array([r["macs_executed"] / n for r in rows]) / 1e6
-    colors = ["tab:blue" if r["dyve"] else "tab:gray" for r in rows]
-    ax.bar(x, executed, color=colors, label="MACs executed")
-    if not all(r["dyve"] for r in rows):
-        ax.bar([0], [0], color="tab:gray", label="MACs, non-DyVE layer")  # legend entry
-    bottom = executed.copy()
-    for k, color in zip(KNOBS, ("tab:orange", "tab:green", "tab:red", "tab:purple")):
-        vals = np.array([r["macs_skipped"][k] / n for r in rows]) / 1e6
-        if vals.any():
-            ax.bar(x, vals, bottom=bottom, color=color, alpha=0.6, label=f"skipped: {k}")
-            bottom += vals
-    over = np.array([sum(r["ops_overhead"].values()) / n for r in rows]) / 1e6
-    if over.any():
-        ax.bar(x + 0.3, over, width=0.25, color="black", label="overhead ops")
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=45 if len(names) > 8 else 0, ha="right"
-                       if len(names) > 8 else "center")
-    ax.set_ylabel("M ops per image")
-    title = f"{summary['net']}: ops reduction {summary['ops_reduction']:.2f}× (whole net)"
-    if not summary.get("weights"):
-        title += f"\n({NO_WEIGHTS_LABEL})"
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with files.atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-
-
-# Keys plot_tuning accepts (first found wins).
-_LIST_KEYS = ("evaluations", "trials", "tried", "search", "history", "points", "results",
-              "settings", "steps")
-_OPS_KEYS = ("ops_per_image", "ops", "ops_executed_per_image", "ops_executed")
-_DENSE_KEYS = ("ops_dense_per_image", "ops_dense", "dense_ops_per_image", "dense_ops",
-               "dense_macs")
-_LOSS_KEYS = ("loss", "accuracy_loss", "top1_loss")
-
-
-def _first(d, keys):
-    for k in keys:
-        if isinstance(d, dict) and d.get(k) is not None:
-            return d[k], k
-    return None, None
-
-
-def _nested_first(doc, keys, parents=("", "baseline", "summary", "config")):
-    """The first of `keys` at the top level of `doc` or inside one of its `parents`."""
-    for parent in parents:
-        value, _ = _first(doc.get(parent) if parent else doc, keys)
-        if value is not None:
-            return value
-    return None
-
-
-def plot_tuning(search_json_path, out_png):
-    """Accuracy loss vs ops saved of every setting a tuner tried.
-
-    Reads dyve.tune's search.json: ``evaluations`` = [{stage, subset, layer, knob,
-    settings, ops (per image, DyVE layers), loss (points of top-1, paired), accepted,
-    ...}], ``baseline.dense_macs`` (dense MACs per image of the DyVE layers),
-    ``config.budget``, ``summary.final_ops`` / ``summary.search_loss`` (the chosen setting)
-    and ``summary.holdout`` {ops, loss} (its check on held-out images); evaluations of
-    ``subset`` "holdout" are drawn apart from the search points.
-
-    Tolerant of other layouts: a top-level list of entries, or the list under one of
-    "trials", "tried", "search", "history", "points", "results", "settings", "steps".
-    An entry: ``ops_per_image`` / ``ops`` / ``ops_executed_per_image`` / ``ops_executed``,
-    ``loss`` / ``accuracy_loss`` / ``top1_loss`` (plotted as given), optional
-    ``ops_dense_per_image`` / ``ops_dense``, ``ops_reduction``, ``accepted`` / ``kept`` /
-    ``chosen`` (bool). Dense ops per image may also sit at the top level (same keys, or
-    ``dense_ops`` / ``dense_macs``), the budget under ``budget`` / ``loss_budget``, the
-    chosen setting under ``chosen`` / ``final`` (an entry). The x axis is ops saved in %
-    of dense when a dense count is known, else the ops reduction, else the raw ops per
-    image. Returns the number of points plotted.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    _need_file(search_json_path, "search json")
-    try:
-        with open(search_json_path) as f:
-            doc = json.load(f)
-    except json.JSONDecodeError as error:
-        raise BenchError(f"{search_json_path} is not JSON: {error}") from None
-    entries = doc if isinstance(doc, list) else _first(doc, _LIST_KEYS)[0]
-    if not isinstance(entries, list):
-        raise BenchError(f"{search_json_path}: no list of tried settings (a top-level list or "
-                         f"one of the keys {', '.join(_LIST_KEYS)})")
-    top = doc if isinstance(doc, dict) else {}
-    dense_top = _nested_first(top, _DENSE_KEYS)
-
-    def x_of(entry, ops):
-        dense = _first(entry, _DENSE_KEYS)[0] or dense_top
-        red = entry.get("ops_reduction") if isinstance(entry, dict) else None
-        if ops is not None and dense:
-            return 100.0 * (1.0 - ops / dense), "saved"
-        if red is not None:
-            return float(red), "reduction"
-        return (float(ops), "ops") if ops is not None else (None, None)
-
-    pts, holdout = [], []
-    for e in entries:
-        if not isinstance(e, dict):
-            continue
-        loss, _ = _first(e, _LOSS_KEYS)
-        x, mode = x_of(e, _first(e, _OPS_KEYS)[0])
-        if loss is None or x is None:
-            continue
-        accepted = bool(_first(e, ("accepted", "kept", "chosen"))[0])
-        (holdout if e.get("subset") == "holdout" else pts).append(
-            (x, float(loss), accepted, mode))
-    if not pts:
-        raise BenchError(f"{search_json_path}: no entry with a loss and an ops count "
-                         f"(keys {'/'.join(_LOSS_KEYS)} and {'/'.join(_OPS_KEYS)})")
-    modes = [p[3] for p in pts]
-    mode = max(set(modes), key=modes.count)  # mixed entries: keep the most common kind
-    pts = [p for p in pts if p[3] == mode]
-    holdout = [p for p in holdout if p[3] == mode]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    xs = np.array([p[0] for p in pts])
-    ys = np.array([p[1] for p in pts])
-    acc = np.array([p[2] for p in pts])
-    ax.scatter(xs[~acc], ys[~acc], s=14, color="tab:gray", alpha=0.6, label="tried")
-    if acc.any():
-        ax.scatter(xs[acc], ys[acc], s=24, color="tab:blue", label="accepted")
-    if holdout:
-        ax.scatter([p[0] for p in holdout], [p[1] for p in holdout], s=40, marker="D",
-                   facecolors="none", edgecolors="tab:green", label="holdout check")
-    # Pareto front: the points no other point beats on both saving and loss.
-    gain = xs if mode != "ops" else -xs  # larger is better
-    front, best = [], -np.inf
-    for i in np.lexsort((-gain, ys)):  # by loss, then by gain descending
-        if gain[i] > best:
-            best = gain[i]
-            front.append(i)
-    if len(front) > 1:
-        ax.step(xs[front], ys[front], where="pre", color="tab:blue", lw=1, alpha=0.7,
-                label="Pareto front")
-    budget = _nested_first(top, ("budget", "loss_budget"))
-    if isinstance(budget, (int, float)):
-        ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
-    chosen, _ = _first(top, ("chosen", "final"))
-    if not isinstance(chosen, dict) and isinstance(top.get("summary"), dict) \
-            and top["summary"].get("final_ops") is not None:
-        chosen = {"ops": top["summary"]["final_ops"], "loss": top["summary"].get("search_loss")}
-    if isinstance(chosen, dict):
-        loss, _ = _first(chosen, _LOSS_KEYS)
-        cx, cmode = x_of(chosen, _first(chosen, _OPS_KEYS)[0])
-        if loss is not None and cx is not None and cmode == mode:
-            ax.scatter([cx], [loss], marker="*", s=160, color="tab:orange", zorder=3,
-                       label="chosen")
-    ax.set_xlabel({"saved": "ops saved (% of dense)", "reduction": "ops reduction (×)",
-                   "ops": "ops per image"}[mode])
-    if mode == "ops":
-        ax.invert_xaxis()
-    unit = (top.get("units") or {}).get("loss") if isinstance(top.get("units"), dict) else None
-    ax.set_ylabel(f"accuracy loss ({unit})" if unit else "accuracy loss")
-    net_dir = os.path.dirname(os.path.dirname(os.path.abspath(search_json_path)))
-    ax.set_title(f"tuning search: {os.path.basename(net_dir) or search_json_path}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with files.atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return len(pts)
-
-
-# ----------------------------------------------------------------------------- tables
-
-TABLE_COLUMNS = ("net", "weights", "images", "baseline_top1", "dyve_top1", "delta_top1",
-                 "ops_reduction", "speedup_b1", "speedup_bN", "N", "threads")
-
-
-def load_summary(path):
-    _need_file(path, "summary")
-    try:
-        with open(path) as f:
-            s = json.load(f)
-    except json.JSONDecodeError as error:
-        raise BenchError(f"{path} is not JSON: {error}") from None
-    missing = [k for k in REQUIRED_KEYS if k not in s]
-    if missing:
-        raise BenchError(f"{path} is not a dyve.bench summary (missing {', '.join(missing)})")
-    return s
-
-
-def merge_table(paths):
-    """(markdown, plain text) paper-style table of several summary.json files."""
-    summaries = [load_summary(p) for p in paths]
-    md = ["# DyVE results", "", "| benchmark | baseline top-1 | DyVE top-1 | ops reduction | "
-          "speedup (batch 1, 1 thread) | speedup (batch N, 1 thread) | N |",
-          "|---|---|---|---|---|---|---|"]
-    rows = []
-    for s in summaries:
-        t = _reference_threads(s)
-        bn = max(s.get("batches") or [1])
-        has = bool(s.get("weights"))
-        top1 = lambda v: _pct(v) if has else "—"
-        md.append(f"| {_benchmark_label(s)} | {top1(s.get('baseline_top1'))} | "
-                  f"{top1(s.get('dyve_top1'))} | {_x(s['ops_reduction'])} | "
-                  f"{_x(_speedup(s, 1, t))} | {_x(_speedup(s, bn, t))} | {bn} |")
-        num = lambda v, f: "-" if v is None else f.format(v)
-        b1, d1 = (s.get("baseline_top1"), s.get("dyve_top1")) if has else (None, None)
-        rows.append({
-            "net": s["net"], "weights": "yes" if has else "none", "images": str(s["images"]),
-            "baseline_top1": num(100 * b1 if b1 is not None else None, "{:.2f}"),
-            "dyve_top1": num(100 * d1 if d1 is not None else None, "{:.2f}"),
-            "delta_top1": num(100 * (d1 - b1) if None not in (b1, d1) else None, "{:+.2f}"),
-            "ops_reduction": f"{s['ops_reduction']:.3f}",
-            "speedup_b1": num(_speedup(s, 1, t), "{:.3f}"),
-            "speedup_bN": num(_speedup(s, bn, t), "{:.3f}"),
-            "N": str(bn), "threads": str(t)})
-    md += ["", "Every batch/thread combination (ms per image, median of interleaved rounds; "
-           "speedup = stock Caffe / DyVE):", "",
-           "| benchmark | batch | threads | stock ms | DyVE ms | speedup | OpenCV ms |",
-           "|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        for b, per in s["timings"].items():
-            for t, tm in per.items():
-                ms = tm["ms_per_image"]
-                md.append(f"| {s['net']} | {b} | {t} | {_ms(ms['stock'])} | {_ms(ms['dyve'])} | "
-                          f"{_x(tm['speedup'])} | {_ms(ms.get('opencv'))} |")
-    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in TABLE_COLUMNS}
-    plain = ["# dyve.bench table: top-1 in %, delta in points, speedup = stock/DyVE at "
-             "batch 1 and batch N with `threads` OpenBLAS threads; '-' = not measured",
-             "  ".join(c.ljust(widths[c]) for c in TABLE_COLUMNS)]
-    plain += ["  ".join(r[c].ljust(widths[c]) for c in TABLE_COLUMNS).rstrip() for r in rows]
-    return "\n".join(md) + "\n", "\n".join(plain) + "\n"
-
-
-def parse_table(text):
-    """Rows of merge_table's plain-text table as dicts (numbers as float/int, '-' as None)."""
-    rows, header = [], None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        cells = line.split()
-        if header is None:
-            header = cells
-            continue
-        if len(cells) != len(header):
-            raise ValueError(f"table row has {len(cells)} cells, header {len(header)}: {line!r}")
-        row = {}
-        for k, v in zip(header, cells):
-            if v == "-":
-                row[k] = None
-            elif k in ("images", "N", "threads"):
-                row[k] = int(v)
-            elif k in ("net", "weights"):
-                row[k] = v
-            else:
-                row[k] = float(v)
-        rows.append(row)
-    return rows
-
-
 # ----------------------------------------------------------------------------- main
 
 def _threads_list(text):
@@ -1339,7 +614,7 @@ def _resolve_defaults(args):
 
 def run(args, argv):
     """The benchmark; returns the summary dict (also written to args.out_dir)."""
-    from dyve import live
+    from dyve import live, report, timing  # they import this module: not at its top
     _resolve_defaults(args)
     started = time.time()
     machine = machine_facts()
@@ -1375,20 +650,13 @@ def run(args, argv):
                 "images": os.path.join(tmp_dir, "timing_images.npy"),
                 "batches": batches, "repeats": args.repeats, "opencv": bool(args.opencv)}
         layer_red = {k: r["ops_reduction"] for k, r in eff["layers"].items() if r["dyve"]}
-        timings = {str(b): {} for b in batches}
-        for t in args.threads:
-            worker = run_worker(spec, t, tmp_dir)
-            if worker["openblas"].get("threads") not in (None, t):
-                warnings.append(f"asked for {t} OpenBLAS threads, the worker had "
-                                f"{worker['openblas']['threads']}")
-            for b, tm in timing_summary(worker, layer_red).items():
-                timings[b][str(t)] = tm
+        timings = timing.time_threads(spec, args.threads, layer_red, tmp_dir, warnings)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
     speedup = {b: {t: tm["speedup"] for t, tm in per.items()} for b, per in timings.items()}
     summary = {
-        "schema_version": SCHEMA_VERSION, "net": args.net,
+        "schema_version": report.SCHEMA_VERSION, "net": args.net,
         "label": args.net if args.weights else f"{args.net} ({NO_WEIGHTS_LABEL})",
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in
@@ -1421,16 +689,7 @@ def run(args, argv):
         "warnings": warnings,
     }
     summary["machine"]["loadavg_end"] = _loadavg()
-    os.makedirs(args.out_dir, exist_ok=True)
-    write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    files.write_atomic(os.path.join(args.out_dir, "summary.md"), render_markdown(summary))
-    plot_effort(summary, os.path.join(args.out_dir, "effort.png"))
-    search = os.path.join(args.out_dir, "tune", "search.json")
-    if os.path.isfile(search):  # a tuner ran for this net: plot its search too
-        try:
-            plot_tuning(search, os.path.join(args.out_dir, "tuning.png"))
-        except (BenchError, ValueError, TypeError, KeyError) as error:
-            print(f"warning: no tuning plot from {search}: {error}", file=sys.stderr)
+    report.write_report(summary, args.out_dir)
     return summary
 
 
@@ -1442,19 +701,20 @@ def _display_path(path):
 
 
 def main(argv=None):
+    from dyve import report, timing  # they import this module: not at its top
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.worker:
-            return worker_main(args.worker)
+            return timing.worker_main(args.worker)
         if args.table:
-            md, plain = merge_table(args.table)
+            md, plain = report.merge_table(args.table)
             if args.table_md:
                 files.write_atomic(args.table_md, md)
             sys.stdout.write(plain)
             return 0
         if args.plot_tuning:
-            count = plot_tuning(*args.plot_tuning)
+            count = report.plot_tuning(*args.plot_tuning)
             print(f"{count} settings plotted to {args.plot_tuning[1]}")
             return 0
         summary = run(args, argv)
@@ -1462,10 +722,13 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out_dir
-    print(render_markdown(summary).split("\n## ")[0].rstrip())
+    print(report.render_markdown(summary).split("\n## ")[0].rstrip())
     print(f"\nwrote {os.path.join(out, 'summary.json')}, summary.md, effort.png")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module dyve.bench, which dyve.report and dyve.timing import, so that the
+    # BenchError they raise is the one main() catches.
+    from dyve import bench
+    sys.exit(bench.main())

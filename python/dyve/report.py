@@ -1,0 +1,469 @@
+"""What dyve.bench shows of a summary.json (its layout: docs/bench.md): summary.md
+(:func:`render_markdown`), effort.png (:func:`plot_effort`), a tuner's tuning.png
+(:func:`plot_tuning`), and the paper-style table of several summaries
+(:func:`merge_table`, read back by :func:`parse_table`)."""
+import json
+import os
+import sys
+
+import numpy as np
+
+from dyve import files
+from dyve.bench import FILLER_SEED, KNOB_NEURONS, KNOBS, NO_WEIGHTS_LABEL, BenchError, _need_file
+
+SCHEMA_VERSION = 1
+
+# Keys (and types) every summary.json has; tests and --table rely on them.
+REQUIRED_KEYS = {
+    "net": str, "images": int, "baseline_top1": (float, type(None)),
+    "dyve_top1": (float, type(None)), "ops_dense": int, "ops_executed": int,
+    "ops_reduction": float, "speedup": dict, "effort": dict, "timings": dict,
+    "accuracy": dict, "machine": dict, "command": str,
+}
+
+
+def _json_default(obj):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_json(path, obj):
+    files.write_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_report(summary, out_dir):
+    """summary.json, summary.md and effort.png in `out_dir`; tuning.png too when a tuner
+    ran for the net (out_dir/tune/search.json)."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    files.write_atomic(os.path.join(out_dir, "summary.md"), render_markdown(summary))
+    plot_effort(summary, os.path.join(out_dir, "effort.png"))
+    search = os.path.join(out_dir, "tune", "search.json")
+    if os.path.isfile(search):  # a tuner ran for this net: plot its search too
+        try:
+            plot_tuning(search, os.path.join(out_dir, "tuning.png"))
+        except (BenchError, ValueError, TypeError, KeyError) as error:
+            print(f"warning: no tuning plot from {search}: {error}", file=sys.stderr)
+
+
+def _read_json(path, what):
+    _need_file(path, what)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise BenchError(f"{path} is not JSON: {error}") from None
+
+
+def _pct(v, digits=2):
+    return "—" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def _x(v, digits=2):
+    return "—" if v is None else f"{v:.{digits}f}×"
+
+
+def _ms(v):
+    if v is None:
+        return "—"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def _big(v):
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f} {unit}"
+    return f"{v:.0f}"
+
+
+def _reference_threads(summary):
+    threads = summary.get("threads") or []
+    return 1 if 1 in threads else (min(threads) if threads else None)
+
+
+def _speedup(summary, batch, threads):
+    return (summary.get("speedup") or {}).get(str(batch), {}).get(str(threads))
+
+
+def _benchmark_label(summary):
+    label = summary["net"]
+    if not summary.get("weights"):
+        label += f" ({NO_WEIGHTS_LABEL})"
+    return label
+
+
+def _paper_row(summary):
+    t = _reference_threads(summary)
+    batches = summary.get("batches") or []
+    sp = " / ".join(_x(_speedup(summary, b, t)) for b in batches)
+    top1 = lambda v: _pct(v) if summary.get("weights") else "—"
+    return (f"| {_benchmark_label(summary)} | {top1(summary.get('baseline_top1'))} | "
+            f"{top1(summary.get('dyve_top1'))} | {_x(summary['ops_reduction'])} | {sp} |")
+
+
+def _paper_header(summary):
+    t = _reference_threads(summary)
+    b = " / ".join(f"batch {x}" for x in summary.get("batches") or [])
+    return ("| benchmark | baseline top-1 | DyVE top-1 | ops reduction | "
+            f"speedup ({b}, {t} thread{'s' if t != 1 else ''}) |\n|---|---|---|---|---|")
+
+
+def render_markdown(s):
+    lines = [f"# DyVE benchmark: {s['net']}", ""]
+    if not s.get("weights"):
+        lines += [f"**{NO_WEIGHTS_LABEL}**: filler weights (seed {FILLER_SEED}), so accuracy "
+                  "is meaningless and omitted; the timings measure the DyVE layers' cost "
+                  "against stock Caffe on the same work.", ""]
+    lines += [f"Stock `{s['stock']}` vs DyVE `{s['dyve']}`, weights "
+              f"`{s.get('weights') or 'none'}`, {s['images']} images of `{s['images_source']}`.",
+              "", _paper_header(s), _paper_row(s), ""]
+    acc = s["accuracy"]
+    if s.get("weights"):
+        lines += ["## Accuracy (paired, same images)", "",
+                  "| metric | stock | DyVE | DyVE − stock | 95 % CI | right→wrong | wrong→right |"
+                  + (" OpenCV |" if s.get("opencv") else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if s.get("opencv") else "")]
+        for k in ("top1", "top5"):
+            if k in acc:
+                a = acc[k]
+                lo, hi = a["diff_ci95"]
+                lines.append(f"| {k} | {_pct(a['stock'])} | {_pct(a['dyve'])} | "
+                             f"{100 * a['diff']:+.2f} pts | [{100 * lo:+.2f}, {100 * hi:+.2f}] | "
+                             f"{a['flips_right_to_wrong']} | {a['flips_wrong_to_right']} |"
+                             + (f" {_pct(a.get('opencv'))} |" if s.get("opencv") else ""))
+        lines.append("")
+    lines += [f"Stock/DyVE top-1 prediction agreement: {_pct(acc['agreement_top1'])}"
+              + (f"; stock/OpenCV: {_pct(acc['agreement_top1_opencv'])}"
+                 if "agreement_top1_opencv" in acc else "") + ".", ""]
+
+    lines += ["## Wall time (ms per image, median of interleaved rounds)", "",
+              "| batch | threads | stock Caffe | DyVE | speedup | round speedups (min–max)"
+              + (" | OpenCV dnn | stock/OpenCV" if s.get("opencv") else "") + " |",
+              "|---|---|---|---|---|---|" + ("---|---|" if s.get("opencv") else "")]
+    for b, per in s["timings"].items():
+        for t, tm in per.items():
+            ms = tm["ms_per_image"]
+            rng = tm.get("round_speedup_range")
+            row = (f"| {b} | {t} | {_ms(ms['stock'])} | {_ms(ms['dyve'])} | {_x(tm['speedup'])} "
+                   f"| {_x(rng[0]) + '–' + _x(rng[1]) if rng else '—'}")
+            if s.get("opencv"):
+                row += f" | {_ms(ms.get('opencv'))} | {_x(tm.get('speedup_opencv'))}"
+            lines.append(row + " |")
+    lines += ["", f"Timed on the first {s['time_images']} images, {s['repeats']} rounds after a "
+              "warm-up; each round runs the engines one batch after the other.", ""]
+
+    eff = s["effort"]
+    n = eff["images"]
+    lines += ["## Effort per layer (per image, accuracy pass)", "",
+              "| layer | DyVE | dense MACs | executed MACs | skipped spet | exact | sdss | sfma "
+              "| overhead ops | ops reduction |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in eff["layers"].items():
+        dense = r["macs_dense"]
+        sk = " | ".join(f"{100 * r['macs_skipped'][k] / dense:.1f} %" if dense else "—"
+                        for k in KNOBS)
+        lines.append(f"| {name} | {'yes' if r['dyve'] else 'no'} | {_big(dense / n)} | "
+                     f"{_big(r['macs_executed'] / n)} | {sk} | "
+                     f"{_big(sum(r['ops_overhead'].values()) / n)} | {_x(r['ops_reduction'])} |")
+    lines += ["", f"Ops reduction: DyVE layers only {_x(s['ops_reduction_dyve_layers'], 3)}, "
+              f"whole net {_x(s['ops_reduction'], 3)} ({_big(s['ops_dense_per_image'])} → "
+              f"{_big(s['ops_executed_per_image'])} ops per image).", "",
+              "| knob | MACs skipped | overhead ops | net saved | share of dense ops | neurons |",
+              "|---|---|---|---|---|---|"]
+    for k, r in eff["knobs"].items():
+        lines.append(f"| {k} | {_big(r['macs_skipped'] / n)} | {_big(r['ops_overhead'] / n)} | "
+                     f"{_big(r['net_ops_saved'] / n)} | {100 * r['share_of_dense']:.2f} % | "
+                     f"{KNOB_NEURONS[k]} {_big(r[KNOB_NEURONS[k]] / n)} |")
+    lines += ["", "## Per layer wall time (DyVE layer vs the stock layer it replaces)", "",
+              "The stock time includes the in-place ReLU after the layer when the DyVE "
+              "layer fuses it (`relu: true`).", "",
+              "| batch | threads | layer | stock ms | DyVE ms | speedup | ops reduction | "
+              "skipping efficiency |", "|---|---|---|---|---|---|---|---|"]
+    for b, per in s["timings"].items():
+        for t, tm in per.items():
+            for name, r in tm["layers"].items():
+                eff_v = r["skipping_efficiency"]
+                lines.append(f"| {b} | {t} | {name} | {_ms(r['stock_ms'])} | {_ms(r['dyve_ms'])}"
+                             f" | {_x(r['speedup'])} | {_x(r['ops_reduction'])} | "
+                             f"{'—' if eff_v is None else f'{eff_v:.2f}'} |")
+    m = s["machine"]
+    ob = m.get("openblas") or {}
+    lines += ["", "## Machine", "",
+              f"* CPU: {m.get('cpu_model')}, {m.get('cores')} cores "
+              f"({', '.join(m.get('cpu_flags') or [])})",
+              f"* OpenBLAS: {ob.get('config')} ({ob.get('library')}); threads per run: "
+              + ", ".join(f"{t} → OpenBLAS {per.get('openblas_threads')}"
+                          for t, per in next(iter(s['timings'].values()), {}).items()),
+              f"* OpenCV {m.get('opencv')}, numpy {m.get('numpy')}, Python {m.get('python')}",
+              f"* load average at start {m.get('loadavg')} (shared machine: compare ratios, "
+              "not absolute times)", "", "## Command", "", f"    {s['command']}", ""]
+    if s.get("warnings"):
+        lines += ["## Warnings", ""] + [f"* {w}" for w in s["warnings"]] + [""]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_png(plt, fig, out_png):
+    fig.tight_layout()
+    try:
+        with files.atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot_effort(summary, out_png):
+    """Stacked bars per layer (per image): MACs executed, skipped by each knob, and the
+    knobs' overhead ops; non-DyVE conv/fc layers in grey."""
+    plt = _pyplot()
+    eff = summary["effort"]
+    n = eff["images"]
+    names = list(eff["layers"])
+    rows = [eff["layers"][k] for k in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names) + 2), 4.5))
+    executed = np.array([r["macs_executed"] / n for r in rows]) / 1e6
+    colors = ["tab:blue" if r["dyve"] else "tab:gray" for r in rows]
+    ax.bar(x, executed, color=colors, label="MACs executed")
+    if not all(r["dyve"] for r in rows):
+        ax.bar([0], [0], color="tab:gray", label="MACs, non-DyVE layer")  # legend entry
+    bottom = executed.copy()
+    for k, color in zip(KNOBS, ("tab:orange", "tab:green", "tab:red", "tab:purple")):
+        vals = np.array([r["macs_skipped"][k] / n for r in rows]) / 1e6
+        if vals.any():
+            ax.bar(x, vals, bottom=bottom, color=color, alpha=0.6, label=f"skipped: {k}")
+            bottom += vals
+    over = np.array([sum(r["ops_overhead"].values()) / n for r in rows]) / 1e6
+    if over.any():
+        ax.bar(x + 0.3, over, width=0.25, color="black", label="overhead ops")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=45 if len(names) > 8 else 0, ha="right"
+                       if len(names) > 8 else "center")
+    ax.set_ylabel("M ops per image")
+    title = f"{summary['net']}: ops reduction {summary['ops_reduction']:.2f}× (whole net)"
+    if not summary.get("weights"):
+        title += f"\n({NO_WEIGHTS_LABEL})"
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _save_png(plt, fig, out_png)
+
+
+# Keys plot_tuning accepts (first found wins).
+_LIST_KEYS = ("evaluations", "trials", "tried", "search", "history", "points", "results",
+              "settings", "steps")
+_OPS_KEYS = ("ops_per_image", "ops", "ops_executed_per_image", "ops_executed")
+_DENSE_KEYS = ("ops_dense_per_image", "ops_dense", "dense_ops_per_image", "dense_ops",
+               "dense_macs")
+_LOSS_KEYS = ("loss", "accuracy_loss", "top1_loss")
+
+
+def _first(d, keys):
+    for k in keys:
+        if isinstance(d, dict) and d.get(k) is not None:
+            return d[k], k
+    return None, None
+
+
+def _nested_first(doc, keys, parents=("", "baseline", "summary", "config")):
+    """The first of `keys` at the top level of `doc` or inside one of its `parents`."""
+    for parent in parents:
+        value, _ = _first(doc.get(parent) if parent else doc, keys)
+        if value is not None:
+            return value
+    return None
+
+
+def plot_tuning(search_json_path, out_png):
+    """Accuracy loss vs ops saved of every setting a tuner tried.
+
+    Reads dyve.tune's search.json: ``evaluations`` = [{stage, subset, layer, knob,
+    settings, ops (per image, DyVE layers), loss (points of top-1, paired), accepted,
+    ...}], ``baseline.dense_macs`` (dense MACs per image of the DyVE layers),
+    ``config.budget``, ``summary.final_ops`` / ``summary.search_loss`` (the chosen setting)
+    and ``summary.holdout`` {ops, loss} (its check on held-out images); evaluations of
+    ``subset`` "holdout" are drawn apart from the search points.
+
+    Tolerant of other layouts: a top-level list of entries, or the list under one of
+    "trials", "tried", "search", "history", "points", "results", "settings", "steps".
+    An entry: ``ops_per_image`` / ``ops`` / ``ops_executed_per_image`` / ``ops_executed``,
+    ``loss`` / ``accuracy_loss`` / ``top1_loss`` (plotted as given), optional
+    ``ops_dense_per_image`` / ``ops_dense``, ``ops_reduction``, ``accepted`` / ``kept`` /
+    ``chosen`` (bool). Dense ops per image may also sit at the top level (same keys, or
+    ``dense_ops`` / ``dense_macs``), the budget under ``budget`` / ``loss_budget``, the
+    chosen setting under ``chosen`` / ``final`` (an entry). The x axis is ops saved in %
+    of dense when a dense count is known, else the ops reduction, else the raw ops per
+    image. Returns the number of points plotted.
+    """
+    doc = _read_json(search_json_path, "search json")
+    entries = doc if isinstance(doc, list) else _first(doc, _LIST_KEYS)[0]
+    if not isinstance(entries, list):
+        raise BenchError(f"{search_json_path}: no list of tried settings (a top-level list or "
+                         f"one of the keys {', '.join(_LIST_KEYS)})")
+    top = doc if isinstance(doc, dict) else {}
+    dense_top = _nested_first(top, _DENSE_KEYS)
+
+    def x_of(entry, ops):
+        dense = _first(entry, _DENSE_KEYS)[0] or dense_top
+        red = entry.get("ops_reduction") if isinstance(entry, dict) else None
+        if ops is not None and dense:
+            return 100.0 * (1.0 - ops / dense), "saved"
+        if red is not None:
+            return float(red), "reduction"
+        return (float(ops), "ops") if ops is not None else (None, None)
+
+    pts, holdout = [], []
+    for e in entries:
+        if not isinstance(e, dict):
+            continue
+        loss, _ = _first(e, _LOSS_KEYS)
+        x, mode = x_of(e, _first(e, _OPS_KEYS)[0])
+        if loss is None or x is None:
+            continue
+        accepted = bool(_first(e, ("accepted", "kept", "chosen"))[0])
+        (holdout if e.get("subset") == "holdout" else pts).append(
+            (x, float(loss), accepted, mode))
+    if not pts:
+        raise BenchError(f"{search_json_path}: no entry with a loss and an ops count "
+                         f"(keys {'/'.join(_LOSS_KEYS)} and {'/'.join(_OPS_KEYS)})")
+    modes = [p[3] for p in pts]
+    mode = max(set(modes), key=modes.count)  # mixed entries: keep the most common kind
+    pts = [p for p in pts if p[3] == mode]
+    holdout = [p for p in holdout if p[3] == mode]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = np.array([p[0] for p in pts])
+    ys = np.array([p[1] for p in pts])
+    acc = np.array([p[2] for p in pts])
+    ax.scatter(xs[~acc], ys[~acc], s=14, color="tab:gray", alpha=0.6, label="tried")
+    if acc.any():
+        ax.scatter(xs[acc], ys[acc], s=24, color="tab:blue", label="accepted")
+    if holdout:
+        ax.scatter([p[0] for p in holdout], [p[1] for p in holdout], s=40, marker="D",
+                   facecolors="none", edgecolors="tab:green", label="holdout check")
+    # Pareto front: the points no other point beats on both saving and loss.
+    gain = xs if mode != "ops" else -xs  # larger is better
+    front, best = [], -np.inf
+    for i in np.lexsort((-gain, ys)):  # by loss, then by gain descending
+        if gain[i] > best:
+            best = gain[i]
+            front.append(i)
+    if len(front) > 1:
+        ax.step(xs[front], ys[front], where="pre", color="tab:blue", lw=1, alpha=0.7,
+                label="Pareto front")
+    budget = _nested_first(top, ("budget", "loss_budget"))
+    if isinstance(budget, (int, float)):
+        ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
+    chosen, _ = _first(top, ("chosen", "final"))
+    if not isinstance(chosen, dict) and isinstance(top.get("summary"), dict) \
+            and top["summary"].get("final_ops") is not None:
+        chosen = {"ops": top["summary"]["final_ops"], "loss": top["summary"].get("search_loss")}
+    if isinstance(chosen, dict):
+        loss, _ = _first(chosen, _LOSS_KEYS)
+        cx, cmode = x_of(chosen, _first(chosen, _OPS_KEYS)[0])
+        if loss is not None and cx is not None and cmode == mode:
+            ax.scatter([cx], [loss], marker="*", s=160, color="tab:orange", zorder=3,
+                       label="chosen")
+    ax.set_xlabel({"saved": "ops saved (% of dense)", "reduction": "ops reduction (×)",
+                   "ops": "ops per image"}[mode])
+    if mode == "ops":
+        ax.invert_xaxis()
+    unit = (top.get("units") or {}).get("loss") if isinstance(top.get("units"), dict) else None
+    ax.set_ylabel(f"accuracy loss ({unit})" if unit else "accuracy loss")
+    net_dir = os.path.dirname(os.path.dirname(os.path.abspath(search_json_path)))
+    ax.set_title(f"tuning search: {os.path.basename(net_dir) or search_json_path}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save_png(plt, fig, out_png)
+    return len(pts)
+
+
+# ----------------------------------------------------------------------------- tables
+
+TABLE_COLUMNS = ("net", "weights", "images", "baseline_top1", "dyve_top1", "delta_top1",
+                 "ops_reduction", "speedup_b1", "speedup_bN", "N", "threads")
+
+
+def load_summary(path):
+    s = _read_json(path, "summary")
+    missing = [k for k in REQUIRED_KEYS if k not in s]
+    if missing:
+        raise BenchError(f"{path} is not a dyve.bench summary (missing {', '.join(missing)})")
+    return s
+
+
+def merge_table(paths):
+    """(markdown, plain text) paper-style table of several summary.json files."""
+    summaries = [load_summary(p) for p in paths]
+    md = ["# DyVE results", "", "| benchmark | baseline top-1 | DyVE top-1 | ops reduction | "
+          "speedup (batch 1, 1 thread) | speedup (batch N, 1 thread) | N |",
+          "|---|---|---|---|---|---|---|"]
+    rows = []
+    for s in summaries:
+        t = _reference_threads(s)
+        bn = max(s.get("batches") or [1])
+        has = bool(s.get("weights"))
+        top1 = lambda v: _pct(v) if has else "—"
+        md.append(f"| {_benchmark_label(s)} | {top1(s.get('baseline_top1'))} | "
+                  f"{top1(s.get('dyve_top1'))} | {_x(s['ops_reduction'])} | "
+                  f"{_x(_speedup(s, 1, t))} | {_x(_speedup(s, bn, t))} | {bn} |")
+        num = lambda v, f: "-" if v is None else f.format(v)
+        b1, d1 = (s.get("baseline_top1"), s.get("dyve_top1")) if has else (None, None)
+        rows.append({
+            "net": s["net"], "weights": "yes" if has else "none", "images": str(s["images"]),
+            "baseline_top1": num(100 * b1 if b1 is not None else None, "{:.2f}"),
+            "dyve_top1": num(100 * d1 if d1 is not None else None, "{:.2f}"),
+            "delta_top1": num(100 * (d1 - b1) if None not in (b1, d1) else None, "{:+.2f}"),
+            "ops_reduction": f"{s['ops_reduction']:.3f}",
+            "speedup_b1": num(_speedup(s, 1, t), "{:.3f}"),
+            "speedup_bN": num(_speedup(s, bn, t), "{:.3f}"),
+            "N": str(bn), "threads": str(t)})
+    md += ["", "Every batch/thread combination (ms per image, median of interleaved rounds; "
+           "speedup = stock Caffe / DyVE):", "",
+           "| benchmark | batch | threads | stock ms | DyVE ms | speedup | OpenCV ms |",
+           "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        for b, per in s["timings"].items():
+            for t, tm in per.items():
+                ms = tm["ms_per_image"]
+                md.append(f"| {s['net']} | {b} | {t} | {_ms(ms['stock'])} | {_ms(ms['dyve'])} | "
+                          f"{_x(tm['speedup'])} | {_ms(ms.get('opencv'))} |")
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in TABLE_COLUMNS}
+    plain = ["# dyve.bench table: top-1 in %, delta in points, speedup = stock/DyVE at "
+             "batch 1 and batch N with `threads` OpenBLAS threads; '-' = not measured",
+             "  ".join(c.ljust(widths[c]) for c in TABLE_COLUMNS)]
+    plain += ["  ".join(r[c].ljust(widths[c]) for c in TABLE_COLUMNS).rstrip() for r in rows]
+    return "\n".join(md) + "\n", "\n".join(plain) + "\n"
+
+
+def parse_table(text):
+    """Rows of merge_table's plain-text table as dicts (numbers as float/int, '-' as None)."""
+    rows, header = [], None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cells = line.split()
+        if header is None:
+            header = cells
+            continue
+        if len(cells) != len(header):
+            raise ValueError(f"table row has {len(cells)} cells, header {len(header)}: {line!r}")
+        row = {}
+        for k, v in zip(header, cells):
+            if v == "-":
+                row[k] = None
+            elif k in ("images", "N", "threads"):
+                row[k] = int(v)
+            elif k in ("net", "weights"):
+                row[k] = v
+            else:
+                row[k] = float(v)
+        rows.append(row)
+    return rows

@@ -1,7 +1,7 @@
 """Tests of python3 -m dyve.bench (python/dyve/bench.py, timing.py, report.py): the
 summary.json schema on a tiny run, its internal consistency, the merged table, the tuning
-plot and the refusal of bad input. cifar10_quick with filler weights, 20 test images:
-well under a minute."""
+plot (on a search.json that dyve.tune wrote) and the refusal of bad input. cifar10_quick
+with filler weights, 20 test images: well under a minute."""
 import json
 import os
 
@@ -14,6 +14,7 @@ import caffe
 
 from dyve import bench, nets, report
 from dyve.tools import REPO_ROOT
+from test_tune import run as run_tune, tiny  # noqa: F401  (tiny: dyve.tune's test net)
 
 PROTO = os.path.join(REPO_ROOT, "prototxt")
 STOCK = os.path.join(PROTO, "cifar10_quick_deploy.prototxt")
@@ -244,32 +245,84 @@ def test_table_refuses_non_summary(tmp):
 
 # ----------------------------------------------------------------------------- tuning plot
 
-@pytest.mark.parametrize("doc", [
-    [{"ops_per_image": 8e6, "ops_dense_per_image": 12e6, "loss": 0.002, "accepted": True},
-     {"ops_per_image": 6e6, "ops_dense_per_image": 12e6, "loss": 0.011}],
-    {"ops_dense": 12e6, "budget": 0.005, "trials": [
-        {"ops": 9e6, "loss": 0.001, "kept": True}, {"ops": 7e6, "loss": 0.02}],
-     "chosen": {"ops": 9e6, "loss": 0.001}},
-    {"results": [{"ops": 9e6, "loss": 0.1}, {"ops": 7e6, "loss": 0.3}]},
-    # dyve.tune's layout (python/dyve/tune.py): evaluations + baseline/config/summary
-    {"units": {"loss": "percentage points of top-1 (paired, vs the dense net)"},
-     "config": {"budget": 0.5}, "baseline": {"dense_macs": 12.3e6, "other_macs": 66e3},
-     "evaluations": [
-         {"stage": "baseline", "subset": "all", "ops": 12.3e6, "loss": 0.0, "accepted": True},
-         {"stage": "greedy", "subset": "search", "ops": 7e6, "loss": 0.4, "accepted": False},
-         {"stage": "holdout", "subset": "holdout", "ops": 8e6, "loss": 0.3}],
-     "summary": {"final_ops": 8e6, "search_loss": 0.2, "dense_ops": 12.3e6}},
-])
-def test_plot_tuning(tmp, doc):
+# dyve.tune's layout (python/dyve/tune.py), the keys plot_tuning reads
+SEARCH_DOC = {
+    "units": {"loss": "percentage points of top-1 (paired, vs the dense net)"},
+    "config": {"budget": 0.5}, "baseline": {"dense_macs": 12.3e6, "other_macs": 66e3},
+    "evaluations": [
+        {"stage": "baseline", "subset": "all", "ops": 12.3e6, "loss": 0.0, "accepted": True},
+        {"stage": "greedy", "subset": "search", "ops": 7e6, "loss": 0.4, "accepted": False},
+        {"stage": "holdout", "subset": "holdout", "ops": 8e6, "loss": 0.3, "accepted": None}],
+    "summary": {"final_ops": 8e6, "search_loss": 0.2, "dense_ops": 12.3e6}}
+
+
+def test_plot_tuning(tmp):
     path = tmp / "search.json"
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(SEARCH_DOC))
     out = tmp / "tuning.png"
     assert report.plot_tuning(str(path), str(out)) == 2
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_plot_tuning_refuses_unknown_schema(tmp):
-    path = tmp / "search_bad.json"
-    path.write_text(json.dumps({"nothing": 1}))
-    with pytest.raises(bench.BenchError, match="no list of tried settings"):
+@pytest.fixture(scope="module")
+def search_json(tiny, tmp_path_factory):  # noqa: F811
+    """The search.json of a real dyve.tune run (tests/test_tune.py's tiny net)."""
+    out = tmp_path_factory.mktemp("tiny_tune") / "tune"
+    run_tune(tiny, out)
+    return out / "search.json"
+
+
+def test_plot_tuning_reads_dyve_tune_output(search_json, tmp, capsys):
+    doc = json.loads(search_json.read_text())
+    search = [e for e in doc["evaluations"] if e["subset"] != "holdout"]
+    assert search and len(search) < len(doc["evaluations"])  # holdout checks drawn apart
+    out = tmp / "tiny_tuning.png"
+    assert report.plot_tuning(str(search_json), str(out)) == len(search)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert bench.main(["--plot-tuning", str(search_json), str(out)]) == 0
+    assert capsys.readouterr().out == f"{len(search)} settings plotted to {out}\n"
+
+
+@pytest.mark.parametrize("keys, name", [
+    (("evaluations",), "evaluations"), (("baseline",), "baseline"),
+    (("baseline", "dense_macs"), "baseline.dense_macs"), (("config", "budget"), "config.budget"),
+    (("summary",), "summary"), (("summary", "final_ops"), "summary.final_ops"),
+    (("units", "loss"), "units.loss"), (("evaluations", 0, "loss"), "evaluations[0].loss"),
+    (("evaluations", 1, "ops"), "evaluations[1].ops"),
+    (("evaluations", 2, "subset"), "evaluations[2].subset"),
+    (("evaluations", 3, "accepted"), "evaluations[3].accepted")])
+def test_plot_tuning_names_a_missing_key(search_json, tmp, capsys, keys, name):
+    doc = json.loads(search_json.read_text())
+    parent = doc
+    for key in keys[:-1]:
+        parent = parent[key]
+    del parent[keys[-1]]
+    path = tmp / "search_missing.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(bench.BenchError) as error:
         report.plot_tuning(str(path), str(tmp / "x.png"))
+    assert str(error.value).startswith(f"{path}: no key '{name}'"), str(error.value)
+    assert not (tmp / "x.png").exists()
+    # the CLI says the same in one line
+    assert bench.main(["--plot-tuning", str(path), str(tmp / "x.png")]) == 2
+    assert capsys.readouterr().err == f"error: {error.value}\n"
+
+
+@pytest.mark.parametrize("doc, needle", [
+    ({"nothing": 1}, "no key 'evaluations'"),
+    # layouts other tools write: refused, not guessed at
+    ([{"ops_per_image": 8e6, "ops_dense_per_image": 12e6, "loss": 0.002, "accepted": True}],
+     "a JSON list, not the object dyve.tune writes"),
+    ({"ops_dense": 12e6, "budget": 0.005, "trials": [{"ops": 9e6, "loss": 0.001}]},
+     "no key 'evaluations'"),
+    ({"evaluations": [{"ops": 9e6, "loss": 0.1}], "baseline": {"dense_macs": 12e6},
+      "config": {"budget": 0.5}, "summary": {"final_ops": None}, "units": {"loss": "pp"}},
+     "no key 'evaluations[0].subset'"),
+    (dict(SEARCH_DOC, evaluations=[SEARCH_DOC["evaluations"][2]]), "no search evaluation"),
+])
+def test_plot_tuning_refuses_other_layouts(tmp, doc, needle):
+    path = tmp / "search_bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(bench.BenchError, match="^" + str(path)) as error:
+        report.plot_tuning(str(path), str(tmp / "x.png"))
+    assert needle in str(error.value)

@@ -256,87 +256,53 @@ def plot_effort(summary, out_png):
     _save_png(plt, fig, out_png)
 
 
-# Keys plot_tuning accepts (first found wins).
-_LIST_KEYS = ("evaluations", "trials", "tried", "search", "history", "points", "results",
-              "settings", "steps")
-_OPS_KEYS = ("ops_per_image", "ops", "ops_executed_per_image", "ops_executed")
-_DENSE_KEYS = ("ops_dense_per_image", "ops_dense", "dense_ops_per_image", "dense_ops",
-               "dense_macs")
-_LOSS_KEYS = ("loss", "accuracy_loss", "top1_loss")
-
-
-def _first(d, keys):
-    for k in keys:
-        if isinstance(d, dict) and d.get(k) is not None:
-            return d[k], k
-    return None, None
-
-
-def _nested_first(doc, keys, parents=("", "baseline", "summary", "config")):
-    """The first of `keys` at the top level of `doc` or inside one of its `parents`."""
-    for parent in parents:
-        value, _ = _first(doc.get(parent) if parent else doc, keys)
-        if value is not None:
-            return value
-    return None
+def _required(d, path, where, *keys):
+    """The values of `keys` in `d`, the object at `where` in the search.json `path`; an
+    error naming the file and the key when one is missing."""
+    for key in keys:
+        if not isinstance(d, dict) or key not in d:
+            raise BenchError(f"{path}: no key '{where}{key}' (not a search.json written by "
+                             "dyve.tune?)")
+    return [d[key] for key in keys]
 
 
 def plot_tuning(search_json_path, out_png):
-    """Accuracy loss vs ops saved of every setting a tuner tried.
+    """Accuracy loss vs ops saved of every setting dyve.tune tried, from its search.json.
 
-    Reads dyve.tune's search.json: ``evaluations`` = [{stage, subset, layer, knob,
-    settings, ops (per image, DyVE layers), loss (points of top-1, paired), accepted,
-    ...}], ``baseline.dense_macs`` (dense MACs per image of the DyVE layers),
-    ``config.budget``, ``summary.final_ops`` / ``summary.search_loss`` (the chosen setting)
-    and ``summary.holdout`` {ops, loss} (its check on held-out images); evaluations of
-    ``subset`` "holdout" are drawn apart from the search points.
-
-    Tolerant of other layouts: a top-level list of entries, or the list under one of
-    "trials", "tried", "search", "history", "points", "results", "settings", "steps".
-    An entry: ``ops_per_image`` / ``ops`` / ``ops_executed_per_image`` / ``ops_executed``,
-    ``loss`` / ``accuracy_loss`` / ``top1_loss`` (plotted as given), optional
-    ``ops_dense_per_image`` / ``ops_dense``, ``ops_reduction``, ``accepted`` / ``kept`` /
-    ``chosen`` (bool). Dense ops per image may also sit at the top level (same keys, or
-    ``dense_ops`` / ``dense_macs``), the budget under ``budget`` / ``loss_budget``, the
-    chosen setting under ``chosen`` / ``final`` (an entry). The x axis is ops saved in %
-    of dense when a dense count is known, else the ops reduction, else the raw ops per
-    image. Returns the number of points plotted.
+    Reads ``evaluations`` (records with "ops" per image of the DyVE layers, "loss",
+    "subset", "accepted"; those of subset "holdout" are drawn apart from the search
+    points), ``baseline.dense_macs`` (ops saved are in % of it), ``config.budget``,
+    ``units.loss`` and the chosen setting ``summary.final_ops`` / ``summary.search_loss``.
+    Returns the number of search points plotted.
     """
-    doc = _read_json(search_json_path, "search json")
-    entries = doc if isinstance(doc, list) else _first(doc, _LIST_KEYS)[0]
-    if not isinstance(entries, list):
-        raise BenchError(f"{search_json_path}: no list of tried settings (a top-level list or "
-                         f"one of the keys {', '.join(_LIST_KEYS)})")
-    top = doc if isinstance(doc, dict) else {}
-    dense_top = _nested_first(top, _DENSE_KEYS)
+    path = search_json_path
+    doc = _read_json(path, "search json")
+    if not isinstance(doc, dict):
+        raise BenchError(f"{path}: a JSON {type(doc).__name__}, not the object dyve.tune "
+                         "writes")
+    evaluations, baseline, config, summary, units = _required(
+        doc, path, "", "evaluations", "baseline", "config", "summary", "units")
+    if not isinstance(evaluations, list):
+        raise BenchError(f"{path}: 'evaluations' is not a list")
+    dense, = _required(baseline, path, "baseline.", "dense_macs")
+    if not isinstance(dense, (int, float)) or dense <= 0:
+        raise BenchError(f"{path}: baseline.dense_macs is {dense!r}, not a positive count")
+    budget, = _required(config, path, "config.", "budget")
+    unit, = _required(units, path, "units.", "loss")
+    final_ops, = _required(summary, path, "summary.", "final_ops")
 
-    def x_of(entry, ops):
-        dense = _first(entry, _DENSE_KEYS)[0] or dense_top
-        red = entry.get("ops_reduction") if isinstance(entry, dict) else None
-        if ops is not None and dense:
-            return 100.0 * (1.0 - ops / dense), "saved"
-        if red is not None:
-            return float(red), "reduction"
-        return (float(ops), "ops") if ops is not None else (None, None)
+    def saved(ops):
+        return 100.0 * (1.0 - ops / dense)
 
     pts, holdout = [], []
-    for e in entries:
-        if not isinstance(e, dict):
-            continue
-        loss, _ = _first(e, _LOSS_KEYS)
-        x, mode = x_of(e, _first(e, _OPS_KEYS)[0])
-        if loss is None or x is None:
-            continue
-        accepted = bool(_first(e, ("accepted", "kept", "chosen"))[0])
-        (holdout if e.get("subset") == "holdout" else pts).append(
-            (x, float(loss), accepted, mode))
+    for i, e in enumerate(evaluations):
+        ops, loss, subset, accepted = _required(e, path, f"evaluations[{i}].", "ops", "loss",
+                                                "subset", "accepted")
+        (holdout if subset == "holdout" else pts).append(
+            (saved(ops), float(loss), bool(accepted)))
     if not pts:
-        raise BenchError(f"{search_json_path}: no entry with a loss and an ops count "
-                         f"(keys {'/'.join(_LOSS_KEYS)} and {'/'.join(_OPS_KEYS)})")
-    modes = [p[3] for p in pts]
-    mode = max(set(modes), key=modes.count)  # mixed entries: keep the most common kind
-    pts = [p for p in pts if p[3] == mode]
-    holdout = [p for p in holdout if p[3] == mode]
+        raise BenchError(f"{path}: no search evaluation to plot (only holdout checks, or "
+                         "none)")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     xs = np.array([p[0] for p in pts])
@@ -349,36 +315,22 @@ def plot_tuning(search_json_path, out_png):
         ax.scatter([p[0] for p in holdout], [p[1] for p in holdout], s=40, marker="D",
                    facecolors="none", edgecolors="tab:green", label="holdout check")
     # Pareto front: the points no other point beats on both saving and loss.
-    gain = xs if mode != "ops" else -xs  # larger is better
     front, best = [], -np.inf
-    for i in np.lexsort((-gain, ys)):  # by loss, then by gain descending
-        if gain[i] > best:
-            best = gain[i]
+    for i in np.lexsort((-xs, ys)):  # by loss, then by saving descending
+        if xs[i] > best:
+            best = xs[i]
             front.append(i)
     if len(front) > 1:
         ax.step(xs[front], ys[front], where="pre", color="tab:blue", lw=1, alpha=0.7,
                 label="Pareto front")
-    budget = _nested_first(top, ("budget", "loss_budget"))
-    if isinstance(budget, (int, float)):
-        ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
-    chosen, _ = _first(top, ("chosen", "final"))
-    if not isinstance(chosen, dict) and isinstance(top.get("summary"), dict) \
-            and top["summary"].get("final_ops") is not None:
-        chosen = {"ops": top["summary"]["final_ops"], "loss": top["summary"].get("search_loss")}
-    if isinstance(chosen, dict):
-        loss, _ = _first(chosen, _LOSS_KEYS)
-        cx, cmode = x_of(chosen, _first(chosen, _OPS_KEYS)[0])
-        if loss is not None and cx is not None and cmode == mode:
-            ax.scatter([cx], [loss], marker="*", s=160, color="tab:orange", zorder=3,
-                       label="chosen")
-    ax.set_xlabel({"saved": "ops saved (% of dense)", "reduction": "ops reduction (×)",
-                   "ops": "ops per image"}[mode])
-    if mode == "ops":
-        ax.invert_xaxis()
-    unit = (top.get("units") or {}).get("loss") if isinstance(top.get("units"), dict) else None
-    ax.set_ylabel(f"accuracy loss ({unit})" if unit else "accuracy loss")
-    net_dir = os.path.dirname(os.path.dirname(os.path.abspath(search_json_path)))
-    ax.set_title(f"tuning search: {os.path.basename(net_dir) or search_json_path}")
+    ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
+    if final_ops is not None and summary.get("search_loss") is not None:
+        ax.scatter([saved(final_ops)], [summary["search_loss"]], marker="*", s=160,
+                   color="tab:orange", zorder=3, label="chosen")
+    ax.set_xlabel("ops saved (% of dense)")
+    ax.set_ylabel(f"accuracy loss ({unit})")
+    net_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    ax.set_title(f"tuning search: {os.path.basename(net_dir) or path}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save_png(plt, fig, out_png)

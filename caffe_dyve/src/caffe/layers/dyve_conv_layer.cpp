@@ -5,10 +5,7 @@
 #include <vector>
 
 #include "caffe/layers/dyve_conv_layer.hpp"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "caffe/util/dyve_math.hpp"
 
 namespace caffe {
 
@@ -127,55 +124,6 @@ void DyveConvolutionLayer<Dtype>::RefreshWeightState() {
   state_stale_ = false;
 }
 
-namespace {
-
-// Copies a run of n values 4 at a time: it may read and write up to 3 values
-// past the run (callers leave that slack; the next run overwrites them).
-// Kernel rows are short (3, 5, 7, 11), where a memcpy call costs more.
-inline void CopyRun(const float* src, float* dst, int n) {
-#if defined(__SSE2__)
-  for (int i = 0; i < n; i += 4) _mm_storeu_ps(dst + i, _mm_loadu_ps(src + i));
-#else
-  for (int i = 0; i < n; ++i) dst[i] = src[i];
-#endif
-}
-inline void CopyRun(const double* src, double* dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = src[i];
-}
-
-// One row's runs (channels x kernel rows of `width` values each), 8 at a time
-// with AVX: may read and write up to 7 values past a run.
-#if defined(__x86_64__)
-__attribute__((target("avx")))
-void GatherRunsAvx(const float* corner, const int* channel_offset,
-    int channels, int kernel_rows, int row_step, int width, float* row) {
-  for (int k = 0; k < channels; ++k) {
-    const float* src = corner + channel_offset[k];
-    for (int kh = 0; kh < kernel_rows; ++kh, src += row_step) {
-      for (int i = 0; i < width; i += 8) {
-        _mm256_storeu_ps(row + i, _mm256_loadu_ps(src + i));
-      }
-      row += width;
-    }
-  }
-}
-#endif
-
-// Plain runs with CopyRun; returns false where the AVX version should run.
-template <typename Dtype>
-bool UseAvxGather() { return false; }
-template <>
-bool UseAvxGather<float>() {
-#if defined(__x86_64__)
-  static const bool avx = __builtin_cpu_supports("avx");
-  return avx;
-#else
-  return false;
-#endif
-}
-
-}  // namespace
-
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::PadInput(const Dtype* group_input,
     int group_channels, const std::vector<int>& row_channels,
@@ -217,21 +165,8 @@ void DyveConvolutionLayer<Dtype>::GatherRow(int p, Dtype* row,
   const int taps = kernel[0] * kernel[1];
   if (dilation[1] == 1) {
     // Each kernel row is a contiguous run of the padded map.
-#if defined(__x86_64__)
-    if (UseAvxGather<Dtype>()) {
-      GatherRunsAvx(reinterpret_cast<const float*>(corner),
-          channel_offset.data(), channels, kernel[0],
-          dilation[0] * padded_width, kernel[1], reinterpret_cast<float*>(row));
-      return;
-    }
-#endif
-    for (int k = 0; k < channels; ++k) {
-      const Dtype* base = corner + channel_offset[k];
-      for (int kh = 0; kh < kernel[0]; ++kh) {
-        CopyRun(base + kh * dilation[0] * padded_width, row, kernel[1]);
-        row += kernel[1];
-      }
-    }
+    GatherRuns(corner, channel_offset.data(), channels, kernel[0],
+        dilation[0] * padded_width, kernel[1], row);
     return;
   }
   const int* offset = tap_offset_.data();

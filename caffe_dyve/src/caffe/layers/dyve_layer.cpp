@@ -7,11 +7,8 @@
 
 #include "caffe/common.hpp"
 #include "caffe/layers/dyve_layer.hpp"
+#include "caffe/util/dyve_math.hpp"
 #include "caffe/util/mkl_alternate.hpp"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace caffe {
 
@@ -140,132 +137,6 @@ std::vector<int> OrderBySignificance(const std::vector<double>& significance) {
     return significance[a] > significance[b];
   });
   return order;
-}
-
-inline void GemmRowsByWeights(int rows, int outputs, int length,
-    const float* a, int lda, const float* w, int ldw, float* c) {
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, outputs, length,
-      1.f, a, lda, w, ldw, 1.f, c, outputs);
-}
-inline void GemmRowsByWeights(int rows, int outputs, int length,
-    const double* a, int lda, const double* w, int ldw, double* c) {
-  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, outputs, length,
-      1., a, lda, w, ldw, 1., c, outputs);
-}
-inline float Dot(int n, const float* x, const float* y) {
-  return cblas_sdot(n, x, 1, y, 1);
-}
-inline double Dot(int n, const double* x, const double* y) {
-  return cblas_ddot(n, x, 1, y, 1);
-}
-
-// Four dot products of one row with four weight vectors: the row is loaded
-// once for four outputs, so the survivors of a row run closer to GEMM speed
-// than one BLAS dot call each (measured: docs/performance.md).
-#if defined(__x86_64__)
-__attribute__((target("avx2,fma")))
-void Dot4Avx2(int n, const float* x, const float* const* w, float* out) {
-  // Two sums per output: eight independent FMA chains hide the FMA latency.
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-  __m256 b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
-  int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
-    a0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[0] + i), a0);
-    a1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[1] + i), a1);
-    a2 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[2] + i), a2);
-    a3 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[3] + i), a3);
-    b0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[0] + i + 8), b0);
-    b1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[1] + i + 8), b1);
-    b2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[2] + i + 8), b2);
-    b3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w[3] + i + 8), b3);
-  }
-  for (; i + 8 <= n; i += 8) {
-    const __m256 u = _mm256_loadu_ps(x + i);
-    a0 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[0] + i), a0);
-    a1 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[1] + i), a1);
-    a2 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[2] + i), a2);
-    a3 = _mm256_fmadd_ps(u, _mm256_loadu_ps(w[3] + i), a3);
-  }
-  a0 = _mm256_add_ps(a0, b0);
-  a1 = _mm256_add_ps(a1, b1);
-  a2 = _mm256_add_ps(a2, b2);
-  a3 = _mm256_add_ps(a3, b3);
-  // Horizontal sums of the four at once: lanes (0 1 2 3) hold outputs 0..3.
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1),
-      _mm256_hadd_ps(a2, a3));
-  __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h),
-      _mm256_extractf128_ps(h, 1));
-  _mm_storeu_ps(out, sums);
-  for (; i < n; ++i) {
-    for (int k = 0; k < 4; ++k) out[k] += x[i] * w[k][i];
-  }
-}
-#endif
-
-#if defined(__x86_64__)
-__attribute__((target("avx2")))
-float MaxAvx2(int n, const float* x) {
-  float best = x[0];
-  int i = 0;
-  if (n >= 8) {
-    __m256 m = _mm256_loadu_ps(x);
-    for (i = 8; i + 8 <= n; i += 8) {
-      m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, m);
-    best = *std::max_element(lanes, lanes + 8);
-  }
-  for (; i < n; ++i) best = std::max(best, x[i]);
-  return best;
-}
-#endif
-
-inline float MaxOf(int n, const float* x) {
-#if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return MaxAvx2(n, x);
-#endif
-  return *std::max_element(x, x + n);
-}
-inline double MaxOf(int n, const double* x) {
-  return *std::max_element(x, x + n);
-}
-
-inline void Dot4(int n, const float* x, const float* const* w, float* out) {
-#if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma");
-  if (avx2) {
-    Dot4Avx2(n, x, w, out);
-    return;
-  }
-#endif
-  for (int k = 0; k < 4; ++k) out[k] = Dot(n, x, w[k]);
-}
-inline void Dot4(int n, const double* x, const double* const* w,
-    double* out) {
-  for (int k = 0; k < 4; ++k) out[k] = Dot(n, x, w[k]);
-}
-
-// sum_i w[i] * row[index[i]]: four independent sums, so the gathers are not
-// serialised on one chain of dependent adds.
-template <typename Dtype>
-inline Dtype GatherDot(int n, const Dtype* w, const int* index,
-    const Dtype* row) {
-  Dtype s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int i = 0;
-  for (; i + 4 <= n; i += 4) {
-    s0 += w[i] * row[index[i]];
-    s1 += w[i + 1] * row[index[i + 1]];
-    s2 += w[i + 2] * row[index[i + 2]];
-    s3 += w[i + 3] * row[index[i + 3]];
-  }
-  for (; i < n; ++i) s0 += w[i] * row[index[i]];
-  return (s0 + s1) + (s2 + s3);
 }
 
 }  // namespace

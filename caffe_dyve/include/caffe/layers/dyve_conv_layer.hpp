@@ -8,6 +8,7 @@
 #include "caffe/layer.hpp"
 #include "caffe/layers/conv_layer.hpp"
 #include "caffe/layers/dyve_layer.hpp"
+#include "caffe/layers/dyve_neuron_plan.hpp"
 #include "caffe/proto/caffe.pb.h"
 
 namespace caffe {
@@ -66,6 +67,7 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
     std::vector<Dtype> rows, z, sfma_table, padded;
     std::vector<int> channel_offset;  // of the row's channels in padded
     DyveNeuronPlan<Dtype> reduced_plan;  // the plan without SFMA's maps
+    typename DyveNeuronPlan<Dtype>::Scratch scratch;  // of the plan
     DyveEffort effort;
   };
   void RefreshWeightState();

@@ -7,6 +7,7 @@
 #include "caffe/blob.hpp"
 #include "caffe/layer.hpp"
 #include "caffe/layers/dyve_layer.hpp"
+#include "caffe/layers/dyve_neuron_plan.hpp"
 #include "caffe/layers/inner_product_layer.hpp"
 #include "caffe/proto/caffe.pb.h"
 
@@ -52,6 +53,7 @@ class DyveInnerProductLayer : public InnerProductLayer<Dtype>,
   uint64_t weights_version_;
   bool state_stale_;
   DyveNeuronPlan<Dtype> plan_;
+  typename DyveNeuronPlan<Dtype>::Scratch scratch_;
   std::vector<Dtype> rows_;
 };
 

@@ -321,7 +321,8 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
           z[r * group_outputs + o] = initial(o, batch[start + r]);
         }
       }
-      plan->EvaluateRows(rows.data(), count, z.data(), &effort);
+      plan->EvaluateRows(rows.data(), count, z.data(), &work->scratch,
+          &effort);
       for (int r = 0; r < count; ++r) {
         for (int o = 0; o < group_outputs; ++o) {
           group_output[o * positions + batch[start + r]] =
@@ -393,7 +394,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
         plan->RowMaxima(row.data(), maxima.data(), &effort);
       }
       plan->EvaluateSelected(row.data(), maxima.data(), computed.data(),
-          count, values.data(), &effort);
+          count, values.data(), &work->scratch, &effort);
       for (int i = 0; i < count; ++i) {
         group_output[computed[i] * positions + p] = values[i];
       }

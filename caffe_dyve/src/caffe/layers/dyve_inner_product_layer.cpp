@@ -97,7 +97,7 @@ void DyveInnerProductLayer<Dtype>::Forward_cpu(
           this->bias_term_ ? this->blobs_[1]->cpu_data()[n] : Dtype(0);
     }
   }
-  plan_.EvaluateRows(rows_.data(), batch, top_data, &effort_);
+  plan_.EvaluateRows(rows_.data(), batch, top_data, &scratch_, &effort_);
 }
 
 template <typename Dtype>

@@ -64,17 +64,53 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   std::string CheckShapes(const DyveParameter& param) const;
   /// What evaluating one image needs for itself; one per thread.
   struct ImageWork {
+    ImageWork()
+        : bias(NULL), constant_count(0), sfma_skipped(0), table_size(0) {}
     std::vector<Dtype> rows, z, sfma_table, padded;
     std::vector<int> channel_offset;  // of the row's channels in padded
+    // SFMA: the image's constant maps and every map's mean.
+    std::vector<bool> constant, group_constant;
+    std::vector<int> constant_channels;  // of the group
+    std::vector<Dtype> mean;
+    // The group being evaluated: its biases (NULL without), its number of
+    // constant maps, the MACs they skip per computed neuron and the size of
+    // one output's summed-area table.
+    const Dtype* bias;
+    int constant_count, sfma_skipped, table_size;
     DyveNeuronPlan<Dtype> reduced_plan;  // the plan without SFMA's maps
     typename DyveNeuronPlan<Dtype>::Scratch scratch;  // of the plan
+    // Grid positions; SDSS's row and its computed outputs.
+    std::vector<int> grid, computed;
+    std::vector<Dtype> row, maxima, values;
     DyveEffort effort;
   };
   void RefreshWeightState();
+  /// Evaluates one image: its constant maps (SFMA), then per group the grid
+  /// positions and the SDSS fill.
   void ForwardImage(const Dtype* input, Dtype* output, ImageWork* work) const;
   /// Evaluates images [begin, end) of a bottom into its top.
   void ForwardImages(const Dtype* bottom, Dtype* top, int begin, int end,
       ImageWork* work) const;
+  /// SFMA's detection: marks the image's (nearly) constant input maps in
+  /// work->constant and their means in work->mean.
+  void FindConstantMaps(const Dtype* input, ImageWork* work) const;
+  /// SFMA for group g: with constant maps, builds the plan without them
+  /// (work->reduced_plan) and the summed-area table of their summed kernel
+  /// (work->sfma_table). Sets work->constant_count; returns the plan to use.
+  const DyveNeuronPlan<Dtype>& BuildSfmaTable(int g, ImageWork* work) const;
+  /// The initial value of computed neuron o at position p of the group:
+  /// its bias plus SFMA's term, the constant maps' contribution over the taps
+  /// inside the input (from the table).
+  Dtype InitialValue(int o, int p, ImageWork* work) const;
+  /// Evaluates the group's grid positions (every position without SDSS) as
+  /// gathered rows, kRowsPerPass at a time; SPET and exact mode act inside
+  /// the plan.
+  void EvaluateGridPositions(const DyveNeuronPlan<Dtype>& plan,
+      Dtype* group_output, ImageWork* work) const;
+  /// SDSS: fills every other position of the group from its grid neighbours
+  /// when they are all insignificant, else computes it.
+  void FillSdssPositions(const DyveNeuronPlan<Dtype>& plan,
+      Dtype* group_output, ImageWork* work) const;
   /// Copies one group's input maps into work->padded, zero padding included,
   /// so that gathering needs no bounds checks, and sets work->channel_offset
   /// to where each of the row's channels starts there.

@@ -180,224 +180,263 @@ void DyveConvolutionLayer<Dtype>::GatherRow(int p, Dtype* row,
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
     Dtype* output, ImageWork* work) const {
-  DyveEffort& effort = work->effort;  // this thread's counters
-  const int channels = this->channels_;
-  const int height = this->conv_input_shape_.cpu_data()[1];
-  const int width = this->conv_input_shape_.cpu_data()[2];
-  const int map_size = height * width;
-  const int out_height = this->output_shape_[0];
-  const int out_width = this->output_shape_[1];
-  const int positions = out_height * out_width;
-  const int* kernel = this->kernel_shape_.cpu_data();
-  const int taps = kernel[0] * kernel[1];
-  const int groups = this->group_;
-  const int group_outputs = this->num_output_ / groups;
-  const int group_channels = channels / groups;
-  const int fan_in = group_channels * taps;
-  const Dtype* weights = this->blobs_[0]->cpu_data();
+  const int map_size =
+      this->conv_input_shape_.cpu_data()[1] *
+      this->conv_input_shape_.cpu_data()[2];
+  const int positions = this->output_shape_[0] * this->output_shape_[1];
+  const int group_outputs = this->num_output_ / this->group_;
+  const int group_channels = this->channels_ / this->group_;
+  const uint64_t fan_in = this->blobs_[0]->count(1);
   const Dtype* bias = this->bias_term_ ? this->blobs_[1]->cpu_data() : NULL;
+  DyveEffort& effort = work->effort;  // this thread's counters
   effort.images += 1;
   effort.outputs += static_cast<uint64_t>(this->num_output_) * positions;
   effort.macs_dense +=
       static_cast<uint64_t>(this->num_output_) * positions * fan_in;
 
-  // SFMA: find the (nearly) constant input maps of this image.
-  std::vector<bool> constant(channels, false);
-  std::vector<Dtype> mean(channels, Dtype(0));
-  if (dyve_param_.sfma().enabled()) {
-    const bool use_range =
-        dyve_param_.sfma().spread() == DyveSfmaParameter_Spread_RANGE;
-    for (int c = 0; c < channels; ++c) {
-      const Dtype* map = input + c * map_size;
-      double sum = 0, low = map[0], high = map[0];
-      for (int i = 0; i < map_size; ++i) {
-        sum += map[i];
-        low = std::min<double>(low, map[i]);
-        high = std::max<double>(high, map[i]);
-      }
-      const double mu = sum / map_size;
-      double spread = high - low;
-      if (!use_range) {
-        double squares = 0;
-        for (int i = 0; i < map_size; ++i) {
-          squares += (map[i] - mu) * (map[i] - mu);
-        }
-        spread = std::sqrt(squares / map_size);
-      }
-      effort.ops_sfma += 3 * map_size + 1;
-      mean[c] = mu;
-      constant[c] = spread <= dyve_param_.sfma().threshold();
-      effort.sfma_maps += constant[c];
+  FindConstantMaps(input, work);
+  for (int g = 0; g < this->group_; ++g) {
+    const DyveNeuronPlan<Dtype>& plan = BuildSfmaTable(g, work);
+    work->bias = bias ? bias + g * group_outputs : NULL;
+    PadInput(input + g * group_channels * map_size, group_channels,
+        plan.row_channels(), work);
+    Dtype* group_output = output + g * group_outputs * positions;
+    EvaluateGridPositions(plan, group_output, work);
+    if (dyve_param_.sdss().enabled()) {
+      FillSdssPositions(plan, group_output, work);
     }
   }
+}
 
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::FindConstantMaps(const Dtype* input,
+    ImageWork* work) const {
+  const int channels = this->channels_;
+  work->constant.assign(channels, false);
+  work->mean.assign(channels, Dtype(0));
+  if (!dyve_param_.sfma().enabled()) return;
+  const int map_size =
+      this->conv_input_shape_.cpu_data()[1] *
+      this->conv_input_shape_.cpu_data()[2];
+  const bool use_range =
+      dyve_param_.sfma().spread() == DyveSfmaParameter_Spread_RANGE;
+  DyveEffort& effort = work->effort;
+  for (int c = 0; c < channels; ++c) {
+    const Dtype* map = input + c * map_size;
+    double sum = 0, low = map[0], high = map[0];
+    for (int i = 0; i < map_size; ++i) {
+      sum += map[i];
+      low = std::min<double>(low, map[i]);
+      high = std::max<double>(high, map[i]);
+    }
+    const double mu = sum / map_size;
+    double spread = high - low;
+    if (!use_range) {
+      double squares = 0;
+      for (int i = 0; i < map_size; ++i) {
+        squares += (map[i] - mu) * (map[i] - mu);
+      }
+      spread = std::sqrt(squares / map_size);
+    }
+    effort.ops_sfma += 3 * map_size + 1;
+    work->mean[c] = mu;
+    work->constant[c] = spread <= dyve_param_.sfma().threshold();
+    effort.sfma_maps += work->constant[c];
+  }
+}
+
+template <typename Dtype>
+const DyveNeuronPlan<Dtype>& DyveConvolutionLayer<Dtype>::BuildSfmaTable(
+    int g, ImageWork* work) const {
+  const int* kernel = this->kernel_shape_.cpu_data();
+  const int taps = kernel[0] * kernel[1];
+  const int group_outputs = this->num_output_ / this->group_;
+  const int group_channels = this->channels_ / this->group_;
+  const Dtype* group_weights = this->blobs_[0]->cpu_data() +
+      g * group_outputs * group_channels * taps;
+  const std::vector<bool>& constant = work->constant;
+  std::vector<bool>& group_constant = work->group_constant;
+  group_constant.assign(constant.begin() + g * group_channels,
+      constant.begin() + (g + 1) * group_channels);
+  const int constant_count =
+      std::count(group_constant.begin(), group_constant.end(), true);
+  work->constant_count = constant_count;
+  work->sfma_skipped = constant_count * taps;
+  work->table_size = (kernel[0] + 1) * (kernel[1] + 1);
+  if (constant_count == 0) return plans_[g];
+  // This image's live channels differ: a plan without the constant maps
+  // (assigned into a kept object, so its buffers are reused).
+  work->reduced_plan = plans_[g];
+  work->reduced_plan.Build(dyve_param_, group_weights, group_constant);
+  std::vector<int>& constant_channels = work->constant_channels;
+  constant_channels.clear();
+  for (int c = 0; c < group_channels; ++c) {
+    if (group_constant[c]) constant_channels.push_back(c);
+  }
+  // Summed kernel of the constant maps and its summed-area table, so the
+  // taps that fall into the zero padding are left out exactly.
+  const Dtype* mean = &work->mean[g * group_channels];
+  work->sfma_table.assign(group_outputs * work->table_size, 0);
+  for (int o = 0; o < group_outputs; ++o) {
+    Dtype* table = &work->sfma_table[o * work->table_size];
+    for (int kh = 0; kh < kernel[0]; ++kh) {
+      for (int kw = 0; kw < kernel[1]; ++kw) {
+        Dtype summed = 0;
+        for (int k = 0; k < constant_channels.size(); ++k) {
+          const int c = constant_channels[k];
+          summed += mean[c] * group_weights[
+              ((o * group_channels + c) * kernel[0] + kh) * kernel[1] + kw];
+        }
+        table[(kh + 1) * (kernel[1] + 1) + kw + 1] = summed
+            + table[kh * (kernel[1] + 1) + kw + 1]
+            + table[(kh + 1) * (kernel[1] + 1) + kw]
+            - table[kh * (kernel[1] + 1) + kw];
+      }
+    }
+  }
+  work->effort.ops_sfma += static_cast<uint64_t>(group_outputs) *
+      (constant_count * taps + taps);
+  return work->reduced_plan;
+}
+
+template <typename Dtype>
+inline Dtype DyveConvolutionLayer<Dtype>::InitialValue(int o, int p,
+    ImageWork* work) const {
+  const Dtype z = work->bias ? work->bias[o] : Dtype(0);
+  if (work->constant_count == 0) return z;
+  work->effort.macs_skipped_sfma += work->sfma_skipped;
+  const Dtype* table = &work->sfma_table[o * work->table_size];
+  const int* rect = &sfma_rect_[p * 5];
+  if (rect[0] == kInterior) {
+    work->effort.ops_sfma += 1;
+    return z + table[rect[1]];
+  }
+  work->effort.ops_sfma += 4;
+  if (rect[0] == kOutside) return z;
+  return z + table[rect[1]] - table[rect[2]] - table[rect[3]] +
+      table[rect[4]];
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::EvaluateGridPositions(
+    const DyveNeuronPlan<Dtype>& plan, Dtype* group_output,
+    ImageWork* work) const {
+  const int out_width = this->output_shape_[1];
+  const int positions = this->output_shape_[0] * out_width;
+  const int group_outputs = this->num_output_ / this->group_;
   const bool sdss = dyve_param_.sdss().enabled();
   const int sample = dyve_param_.sdss().stride();
-  for (int g = 0; g < groups; ++g) {
-    const Dtype* group_input = input + g * group_channels * map_size;
-    const Dtype* group_weights =
-        weights + g * group_outputs * group_channels * taps;
-    const std::vector<bool> group_constant(
-        constant.begin() + g * group_channels,
-        constant.begin() + (g + 1) * group_channels);
-    const int constant_count =
-        std::count(group_constant.begin(), group_constant.end(), true);
-    const DyveNeuronPlan<Dtype>* plan = &plans_[g];
-    if (constant_count > 0) {
-      // This image's live channels differ: a plan without the constant maps
-      // (assigned into a kept object, so its buffers are reused).
-      work->reduced_plan = plans_[g];
-      work->reduced_plan.Build(dyve_param_, group_weights, group_constant);
-      plan = &work->reduced_plan;
-      std::vector<int> constant_channels;
-      for (int c = 0; c < group_channels; ++c) {
-        if (group_constant[c]) constant_channels.push_back(c);
-      }
-      // Summed kernel of the constant maps and its summed-area table, so the
-      // taps that fall into the zero padding are left out exactly.
-      work->sfma_table.assign(
-          group_outputs * (kernel[0] + 1) * (kernel[1] + 1), 0);
+  std::vector<int>& grid = work->grid;
+  grid.clear();
+  for (int p = 0; p < positions; ++p) {
+    const int y = p / out_width, x = p % out_width;
+    if (!sdss || (y % sample == 0 && x % sample == 0)) grid.push_back(p);
+  }
+  // In passes of a few rows, so that gathered rows are still in cache when
+  // the GEMM and the survivors read them.
+  const int row_length = plan.row_length();
+  const int pass_rows = std::min<int>(grid.size(), kRowsPerPass);
+  std::vector<Dtype>& rows = work->rows;
+  std::vector<Dtype>& z = work->z;
+  rows.resize(std::max(1, pass_rows * row_length) + kSlack);
+  z.resize(pass_rows * group_outputs);
+  for (int start = 0; start < grid.size(); start += pass_rows) {
+    const int count = std::min<int>(pass_rows, grid.size() - start);
+    for (int r = 0; r < count; ++r) {
+      GatherRow(grid[start + r], &rows[r * row_length], work);
       for (int o = 0; o < group_outputs; ++o) {
-        Dtype* table =
-            &work->sfma_table[o * (kernel[0] + 1) * (kernel[1] + 1)];
-        for (int kh = 0; kh < kernel[0]; ++kh) {
-          for (int kw = 0; kw < kernel[1]; ++kw) {
-            Dtype summed = 0;
-            for (int k = 0; k < constant_channels.size(); ++k) {
-              const int c = constant_channels[k];
-              summed += mean[g * group_channels + c] * group_weights[
-                  ((o * group_channels + c) * kernel[0] + kh) * kernel[1] + kw];
-            }
-            table[(kh + 1) * (kernel[1] + 1) + kw + 1] = summed
-                + table[kh * (kernel[1] + 1) + kw + 1]
-                + table[(kh + 1) * (kernel[1] + 1) + kw]
-                - table[kh * (kernel[1] + 1) + kw];
-          }
-        }
-      }
-      effort.ops_sfma += static_cast<uint64_t>(group_outputs) *
-          (constant_count * taps + taps);
-    }
-    PadInput(group_input, group_channels, plan->row_channels(), work);
-    // The initial value of a computed neuron: bias plus the constant maps'
-    // contribution over the taps inside the input.
-    auto initial = [&](int o, int p) -> Dtype {
-      Dtype z = bias ? bias[g * group_outputs + o] : Dtype(0);
-      if (constant_count == 0) return z;
-      effort.macs_skipped_sfma += constant_count * taps;
-      const Dtype* table =
-          &work->sfma_table[o * (kernel[0] + 1) * (kernel[1] + 1)];
-      const int* rect = &sfma_rect_[p * 5];
-      if (rect[0] == kInterior) {
-        effort.ops_sfma += 1;
-        return z + table[rect[1]];
-      }
-      effort.ops_sfma += 4;
-      if (rect[0] == kOutside) return z;
-      return z + table[rect[1]] - table[rect[2]] - table[rect[3]] +
-          table[rect[4]];
-    };
-
-    // Dense or grid positions: gathered rows, then one GEMM-based pass.
-    std::vector<int> batch;
-    for (int p = 0; p < positions; ++p) {
-      const int y = p / out_width, x = p % out_width;
-      if (!sdss || (y % sample == 0 && x % sample == 0)) batch.push_back(p);
-    }
-    // In passes of a few rows, so that gathered rows are still in cache when
-    // the GEMM and the survivors read them.
-    const int row_length = plan->row_length();
-    const int pass_rows = std::min<int>(batch.size(), kRowsPerPass);
-    std::vector<Dtype>& rows = work->rows;
-    std::vector<Dtype>& z = work->z;
-    rows.resize(std::max(1, pass_rows * row_length) + kSlack);
-    z.resize(pass_rows * group_outputs);
-    Dtype* group_output = output + g * group_outputs * positions;
-    for (int start = 0; start < batch.size(); start += pass_rows) {
-      const int count = std::min<int>(pass_rows, batch.size() - start);
-      for (int r = 0; r < count; ++r) {
-        GatherRow(batch[start + r], &rows[r * row_length], work);
-        for (int o = 0; o < group_outputs; ++o) {
-          z[r * group_outputs + o] = initial(o, batch[start + r]);
-        }
-      }
-      plan->EvaluateRows(rows.data(), count, z.data(), &work->scratch,
-          &effort);
-      for (int r = 0; r < count; ++r) {
-        for (int o = 0; o < group_outputs; ++o) {
-          group_output[o * positions + batch[start + r]] =
-              z[r * group_outputs + o];
-        }
+        z[r * group_outputs + o] = InitialValue(o, grid[start + r], work);
       }
     }
-    if (!sdss) continue;
-
-    // SDSS: every other position is filled from its grid neighbours when they
-    // are all insignificant, else computed on its own.
-    const Dtype threshold = dyve_param_.sdss().threshold();
-    const bool fill_mean =
-        dyve_param_.sdss().fill() == DyveSdssParameter_Fill_MEAN;
-    std::vector<Dtype> row(std::max(1, row_length) + kSlack);
-    std::vector<Dtype> maxima(std::max(1, plan->rest_channels()));
-    std::vector<int> computed;
-    std::vector<Dtype> values;
-    for (int p = 0; p < positions; ++p) {
-      const int y = p / out_width, x = p % out_width;
-      if (y % sample == 0 && x % sample == 0) continue;
-      const int y0 = y - y % sample, x0 = x - x % sample;
-      int ys[2] = {y0, y0 + sample}, xs[2] = {x0, x0 + sample};
-      const int ny = (y % sample != 0 && ys[1] < out_height) ? 2 : 1;
-      const int nx = (x % sample != 0 && xs[1] < out_width) ? 2 : 1;
-      const int neighbours = ny * nx;
-      int offset[4];
-      for (int i = 0; i < ny; ++i) {
-        for (int j = 0; j < nx; ++j) {
-          offset[i * nx + j] = ys[i] * out_width + xs[j];
-        }
-      }
-      // Branch-free over the outputs (which neurons are significant follows
-      // no pattern): every neighbour is read, the compares are counted up to
-      // the first significant one, as the sequential test would make them.
-      computed.resize(group_outputs);
-      int count = 0;
-      uint64_t compares = 0;
+    plan.EvaluateRows(rows.data(), count, z.data(), &work->scratch,
+        &work->effort);
+    for (int r = 0; r < count; ++r) {
       for (int o = 0; o < group_outputs; ++o) {
-        const Dtype* map = group_output + o * positions;
-        Dtype sum = 0;
-        int made = 0, still_quiet = 1;
-        for (int k = 0; k < neighbours; ++k) {
-          const Dtype value = map[offset[k]];
-          made += still_quiet;
-          still_quiet &= !(value > threshold);
-          sum += value;
-        }
-        compares += made;
-        // The fill, overwritten below when the neuron is computed.
-        group_output[o * positions + p] =
-            fill_mean ? sum / neighbours : Dtype(0);
-        computed[count] = o;
-        count += !still_quiet;
+        group_output[o * positions + grid[start + r]] =
+            z[r * group_outputs + o];
       }
-      const int filled = group_outputs - count;
-      effort.ops_sdss += compares;
-      effort.sdss_filled += filled;
-      effort.macs_skipped_sdss += static_cast<uint64_t>(filled) * fan_in;
-      if (fill_mean) {
-        effort.ops_sdss += static_cast<uint64_t>(filled) * neighbours;
+    }
+  }
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::FillSdssPositions(
+    const DyveNeuronPlan<Dtype>& plan, Dtype* group_output,
+    ImageWork* work) const {
+  const int out_height = this->output_shape_[0];
+  const int out_width = this->output_shape_[1];
+  const int positions = out_height * out_width;
+  const int group_outputs = this->num_output_ / this->group_;
+  const uint64_t fan_in = this->blobs_[0]->count(1);
+  const int sample = dyve_param_.sdss().stride();
+  const Dtype threshold = dyve_param_.sdss().threshold();
+  const bool fill_mean =
+      dyve_param_.sdss().fill() == DyveSdssParameter_Fill_MEAN;
+  DyveEffort& effort = work->effort;
+  std::vector<Dtype>& row = work->row;
+  std::vector<Dtype>& maxima = work->maxima;
+  std::vector<int>& computed = work->computed;
+  std::vector<Dtype>& values = work->values;
+  row.resize(std::max(1, plan.row_length()) + kSlack);
+  maxima.resize(std::max(1, plan.rest_channels()));
+  computed.resize(group_outputs);
+  for (int p = 0; p < positions; ++p) {
+    const int y = p / out_width, x = p % out_width;
+    if (y % sample == 0 && x % sample == 0) continue;
+    const int y0 = y - y % sample, x0 = x - x % sample;
+    int ys[2] = {y0, y0 + sample}, xs[2] = {x0, x0 + sample};
+    const int ny = (y % sample != 0 && ys[1] < out_height) ? 2 : 1;
+    const int nx = (x % sample != 0 && xs[1] < out_width) ? 2 : 1;
+    const int neighbours = ny * nx;
+    int offset[4];
+    for (int i = 0; i < ny; ++i) {
+      for (int j = 0; j < nx; ++j) {
+        offset[i * nx + j] = ys[i] * out_width + xs[j];
       }
-      if (count == 0) continue;
-      values.resize(count);
-      for (int i = 0; i < count; ++i) values[i] = initial(computed[i], p);
-      // The significant neurons of this position, on one gathered row.
-      GatherRow(p, row.data(), work);
-      if (plan->uses_bound()) {
-        plan->RowMaxima(row.data(), maxima.data(), &effort);
+    }
+    // Branch-free over the outputs (which neurons are significant follows
+    // no pattern): every neighbour is read, the compares are counted up to
+    // the first significant one, as the sequential test would make them.
+    int count = 0;
+    uint64_t compares = 0;
+    for (int o = 0; o < group_outputs; ++o) {
+      const Dtype* map = group_output + o * positions;
+      Dtype sum = 0;
+      int made = 0, still_quiet = 1;
+      for (int k = 0; k < neighbours; ++k) {
+        const Dtype value = map[offset[k]];
+        made += still_quiet;
+        still_quiet &= !(value > threshold);
+        sum += value;
       }
-      plan->EvaluateSelected(row.data(), maxima.data(), computed.data(),
-          count, values.data(), &work->scratch, &effort);
-      for (int i = 0; i < count; ++i) {
-        group_output[computed[i] * positions + p] = values[i];
-      }
+      compares += made;
+      // The fill, overwritten below when the neuron is computed.
+      group_output[o * positions + p] =
+          fill_mean ? sum / neighbours : Dtype(0);
+      computed[count] = o;
+      count += !still_quiet;
+    }
+    const int filled = group_outputs - count;
+    effort.ops_sdss += compares;
+    effort.sdss_filled += filled;
+    effort.macs_skipped_sdss += static_cast<uint64_t>(filled) * fan_in;
+    if (fill_mean) {
+      effort.ops_sdss += static_cast<uint64_t>(filled) * neighbours;
+    }
+    if (count == 0) continue;
+    values.resize(count);
+    for (int i = 0; i < count; ++i) {
+      values[i] = InitialValue(computed[i], p, work);
+    }
+    // The significant neurons of this position, on one gathered row.
+    GatherRow(p, row.data(), work);
+    if (plan.uses_bound()) {
+      plan.RowMaxima(row.data(), maxima.data(), &effort);
+    }
+    plan.EvaluateSelected(row.data(), maxima.data(), computed.data(),
+        count, values.data(), &work->scratch, &effort);
+    for (int i = 0; i < count; ++i) {
+      group_output[computed[i] * positions + p] = values[i];
     }
   }
 }

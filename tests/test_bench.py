@@ -12,7 +12,9 @@ import pytest
 
 import caffe
 
-from dyve import bench, nets, report
+from dyve import bench, caffe_io, engines, nets, report
+from dyve import effort as dyve_effort
+from dyve.errors import DyveError
 from dyve.tools import REPO_ROOT
 from test_tune import run as run_tune, tiny  # noqa: F401  (tiny: dyve.tune's test net)
 
@@ -28,7 +30,7 @@ needs_data = pytest.mark.skipif(not os.path.isdir(TEST_LMDB) or not os.path.isfi
 
 def _filler_model(path, prototxt):
     net = caffe.Net(prototxt, caffe.TEST)
-    bench.fill_weights(net, seed=7)
+    engines.fill_weights(net, seed=7)
     net.save(str(path))
     return str(path)
 
@@ -83,7 +85,7 @@ def test_summary_schema(summary, tmp):
             assert row["skipping_efficiency"] == pytest.approx(row["speedup"] / row["ops_reduction"])
         assert tm["openblas_threads"] == 1
     assert set(summary["effort"]["layers"]) == {"conv1", "conv2", "conv3", "ip1", "ip2"}
-    assert set(summary["effort"]["knobs"]) == set(bench.KNOBS)
+    assert set(summary["effort"]["knobs"]) == set(dyve_effort.KNOBS)
     assert summary["machine"]["cores"] >= 1 and summary["machine"]["openblas"]["config"]
     assert "dyve.bench" in summary["command"]
     out = tmp / "with_weights"
@@ -153,13 +155,13 @@ def test_exact_mode_keeps_accuracy_and_saves_ops(tmp, weights):
     path = tmp / "exact_dyve.prototxt"
     path.write_text(nets.to_text(net))
     stock, dyve, _ = bench.load_nets(STOCK, str(path), weights, str(tmp))
-    images, labels = bench.load_images(TEST_LMDB, (3, 32, 32), MEAN, limit=20)
+    images, labels = caffe_io.load_images(TEST_LMDB, (3, 32, 32), MEAN, limit=20)
     scores, effort = bench.accuracy_pass(stock, dyve, images, labels, 10)
     acc = bench.accuracy_summary(scores, labels, with_accuracy=True)
     assert acc["top1"]["stock"] == acc["top1"]["dyve"]
     assert acc["top1"]["flips_right_to_wrong"] == acc["top1"]["flips_wrong_to_right"] == 0
-    eff, totals, warnings = bench.effort_summary(
-        effort, bench.layer_macs(stock), {}, {}, len(images))
+    eff, totals, warnings = dyve_effort.summarize(
+        effort, caffe_io.layer_macs(stock), {}, {}, len(images))
     assert not warnings
     # (with random weights the sign checks may cost more than they save: no claim on > 1)
     assert totals["ops_reduction"] == totals["ops_dense"] / totals["ops_executed"]
@@ -178,12 +180,13 @@ def test_exact_mode_keeps_accuracy_and_saves_ops(tmp, weights):
 def test_paired_stats():
     ref = [1, 1, 0, 0, 1, 0, 1, 1]
     new = [1, 0, 1, 0, 1, 0, 1, 0]
-    s = bench.paired_stats(ref, new)
+    s = bench.paired_entry(ref, new)
     assert s["flips_right_to_wrong"] == 2 and s["flips_wrong_to_right"] == 1
     d = np.array(new) - np.array(ref)
     assert s["diff"] == pytest.approx(d.mean())
     se = d.std(ddof=1) / np.sqrt(len(d))
-    assert s["diff_ci95"] == pytest.approx([d.mean() - 1.96 * se, d.mean() + 1.96 * se])
+    z = 1.959963984540054  # two-sided 95 %
+    assert s["diff_ci95"] == pytest.approx([d.mean() - z * se, d.mean() + z * se])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -199,12 +202,12 @@ def _fails(argv, capsys, *needles):
 
 def test_missing_weights_file(tmp, capsys):
     _fails(["--net", "cifar10_quick", "--weights", str(tmp / "nope.caffemodel")], capsys,
-           "weights file", "nope.caffemodel", "does not exist")
+           "--weights", "nope.caffemodel", "does not exist")
 
 
 def test_missing_prototxt(tmp, capsys):
     _fails(["--net", "cifar10_quick", "--dyve", str(tmp / "missing.prototxt")], capsys,
-           "DyVE prototxt", "does not exist")
+           "--dyve", "does not exist")
 
 
 @needs_data
@@ -213,8 +216,8 @@ def test_mismatched_caffemodel(tmp, capsys):
                          os.path.join(PROTO, "cifar10_full_deploy.prototxt"))
     err = _fails(["--net", "cifar10_quick", "--weights", full, "--max-images", "4",
                   "--threads", "1", "--out-dir", str(tmp / "mismatch")], capsys,
-                 "do not match", "layer 'ip1' blob 0: prototxt 64x1024, caffemodel 10x1024",
-                 "no layer 'ip2'")
+                 "does not match", "layer 'ip1' blob 0: prototxt 64x1024, caffemodel 10x1024",
+                 "layer 'ip2' has no weights")
     assert not (tmp / "mismatch" / "summary.json").exists()
 
 
@@ -232,8 +235,8 @@ def test_bad_prototxt_and_weights(tmp, capsys):
            "not a valid NetParameter prototxt")
     junk = tmp / "junk.caffemodel"
     junk.write_bytes(b"\xff\x00not a model" * 10)
-    with pytest.raises(bench.BenchError, match="not a binary caffemodel|holds no layers"):
-        bench.caffemodel_shapes(str(junk))
+    with pytest.raises(DyveError, match="not a binary caffemodel|holds no layers"):
+        caffe_io.weight_blobs(str(junk))
 
 
 def test_table_refuses_non_summary(tmp):
@@ -326,3 +329,74 @@ def test_plot_tuning_refuses_other_layouts(tmp, doc, needle):
     with pytest.raises(bench.BenchError, match="^" + str(path)) as error:
         report.plot_tuning(str(path), str(tmp / "x.png"))
     assert needle in str(error.value)
+
+
+# ----------------------------------------------------------------------------- faults
+
+@needs_data
+def test_non_finite_weights_refused_naming_the_blob(tmp, weights, capsys):
+    net = caffe.Net(STOCK, weights, caffe.TEST)
+    net.params["conv2"][1].data[3] = np.nan
+    bad = str(tmp / "nan.caffemodel")
+    net.save(bad)
+    _fails(["--net", "cifar10_quick", "--weights", bad, "--max-images", "4", "--threads",
+            "1", "--out-dir", str(tmp / "nan")], capsys,
+           "layer 'conv2' blob 1", "not finite")
+    assert not (tmp / "nan").exists() or not (tmp / "nan" / "summary.json").exists()
+
+
+@needs_data
+def test_non_finite_mean_values_refused(tmp, capsys):
+    _fails(["--net", "cifar10_quick", "--mean-value", "1,nan,3", "--max-images", "4",
+            "--threads", "1", "--out-dir", str(tmp / "nanmean")], capsys, "not finite")
+
+
+def test_unwritable_out_dir_refused_up_front(tmp, capsys):
+    blocker = tmp / "a_file"
+    blocker.write_text("x")
+    _fails(["--net", "cifar10_quick", "--threads", "1", "--out-dir",
+            str(blocker / "below")], capsys, "cannot write")
+
+
+@needs_data
+def test_chance_level_baseline_refused(tmp, weights, capsys):
+    # filler weights passed off as trained ones: top-1 near 10 % on 100 images
+    _fails(["--net", "cifar10_quick", "--weights", weights, "--max-images", "100",
+            "--threads", "1", "--out-dir", str(tmp / "chance")], capsys, "chance level")
+
+
+@needs_data
+def test_sigterm_stops_the_worker_and_cleans_up(tmp):
+    import signal
+    import subprocess
+    import sys
+    import time
+    scratch = tmp / "scratch"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dyve.bench", "--net", "cifar10_quick", "--max-images", "200",
+         "--batch", "100", "--repeats", "200", "--threads", "1", "--out-dir",
+         str(tmp / "sigterm")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    workers = []
+    while time.time() < deadline and not workers:  # wait for the timing worker
+        time.sleep(0.5)
+        workers = [p for p in os.listdir("/proc") if p.isdigit()
+                   and _cmdline(p).count("--worker") and str(scratch) in _cmdline(p)]
+    assert workers, "no timing worker started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    time.sleep(0.5)
+    assert not [p for p in workers if os.path.exists(f"/proc/{p}")
+                and _cmdline(p).count("--worker")], "the worker outlived the benchmark"
+    assert os.listdir(scratch) == []
+    assert not (tmp / "sigterm" / "summary.json").exists()
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

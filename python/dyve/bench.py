@@ -8,36 +8,30 @@ summary.json layout are in docs/bench.md.
 """
 import argparse
 import datetime
-import math
 import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # before Caffe loads: no net-init log
 
-from dyve import files  # noqa: E402
+from dyve import caffe_io, engines, files, live, stats  # noqa: E402
+from dyve import effort as dyve_effort  # noqa: E402
+from dyve import settings as dyve_settings  # noqa: E402
+from dyve.errors import BenchError, DyveError  # noqa: E402
 from dyve.machine import _loadavg, machine_facts  # noqa: E402
+from dyve.report import NO_WEIGHTS_LABEL  # noqa: E402
 from dyve.tools import REPO_ROOT  # noqa: E402
 
-KNOBS = ("spet", "exact", "sdss", "sfma")
-# Neurons decided by each knob (docs/knobs.md counters).
-KNOB_NEURONS = {"spet": "spet_zeroed", "exact": "exact_stopped", "sdss": "sdss_filled",
-                "sfma": "sfma_maps"}
-STOCK_TO_DYVE = {"Convolution": "DyveConvolution", "InnerProduct": "DyveInnerProduct"}
-WEIGHTED_TYPES = tuple(STOCK_TO_DYVE) + tuple(STOCK_TO_DYVE.values())
-ENGINES = ("stock", "dyve", "opencv")
-NO_WEIGHTS_LABEL = "no weights: dense-path overhead only"
-FILLER_SEED = 1704
-
-
-class BenchError(RuntimeError):
-    """Bad input or a failed step, with a message for the user."""
+# At or under this many times chance, a baseline's top-1 means wrong weights or inputs.
+CHANCE_FACTOR = 2.0
 
 
 def _progress(iterable=None, **kwargs):
@@ -45,120 +39,7 @@ def _progress(iterable=None, **kwargs):
     return tqdm(iterable, disable=None, **kwargs)  # a bar on a terminal only
 
 
-def _caffe():
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    import caffe
-    caffe.set_mode_cpu()
-    return caffe
-
-
-# ----------------------------------------------------------------------------- checks
-
-def _need_file(path, what):
-    if not path:
-        raise BenchError(f"no {what} given")
-    if not os.path.exists(path):
-        raise BenchError(f"{what} {path} does not exist")
-    return path
-
-
-def read_prototxt(path, what="prototxt"):
-    """A NetParameter parsed from a text prototxt (a clear error instead of Caffe's abort)."""
-    from caffe.proto import caffe_pb2
-    from google.protobuf import text_format
-    _need_file(path, what)
-    if os.path.isdir(path):
-        raise BenchError(f"{what} {path} is a folder, not a prototxt")
-    net = caffe_pb2.NetParameter()
-    try:
-        with open(path) as f:
-            text_format.Merge(f.read(), net)
-    except (text_format.ParseError, UnicodeDecodeError) as error:
-        raise BenchError(f"{what} {path} is not a valid NetParameter prototxt: {error}") \
-            from None
-    if not net.layer:
-        raise BenchError(f"{what} {path} has no layers (old V1 'layers' format? upgrade it "
-                         "with upgrade_net_proto_text)")
-    return net
-
-
-def caffemodel_shapes(path):
-    """{layer name: [blob shape tuple, ...]} of a caffemodel (binary NetParameter, or HDF5
-    when the name ends in .h5). Legacy 4-d blobs (num/channels/height/width) come back as
-    ("legacy", n, c, h, w)."""
-    _need_file(path, "weights file")
-    if path.endswith((".h5", ".hdf5")):
-        import h5py
-        shapes = {}
-        try:
-            with h5py.File(path, "r") as f:
-                for name, group in f["data"].items():
-                    shapes[name] = [tuple(group[str(i)].shape) for i in range(len(group))]
-        except (OSError, KeyError) as error:
-            raise BenchError(f"weights file {path} is not a Caffe HDF5 model: {error}") \
-                from None
-        return shapes
-    from caffe.proto import caffe_pb2
-    from google.protobuf.message import DecodeError
-    model = caffe_pb2.NetParameter()
-    try:
-        with open(path, "rb") as f:
-            model.ParseFromString(f.read())
-    except DecodeError as error:
-        raise BenchError(f"weights file {path} is not a binary caffemodel: {error}") from None
-    layers = list(model.layer) or list(model.layers)  # V1 models keep "layers"
-    if not layers:
-        raise BenchError(f"weights file {path} holds no layers (not a caffemodel?)")
-    shapes = {}
-    for layer in layers:
-        blobs = []
-        for blob in layer.blobs:
-            if blob.HasField("shape"):
-                blobs.append(tuple(blob.shape.dim))
-            else:
-                blobs.append(("legacy", blob.num, blob.channels, blob.height, blob.width))
-        shapes[layer.name] = blobs
-    return shapes
-
-
-def _shape_equal(model_shape, net_shape):
-    """Caffe's Blob::ShapeEquals: legacy blobs compare as 4-d with leading ones."""
-    if model_shape and model_shape[0] == "legacy":
-        return tuple(model_shape[1:]) == (1,) * (4 - len(net_shape)) + tuple(net_shape) \
-            if len(net_shape) <= 4 else False
-    return tuple(model_shape) == tuple(net_shape)
-
-
-def _fmt_shape(shape):
-    if shape and shape[0] == "legacy":
-        shape = shape[1:]
-    return "x".join(str(d) for d in shape)
-
-
-def check_weights(net, model_shapes, weights_path, proto_path):
-    """Compare a loaded-without-weights net's params with the caffemodel's blobs, as
-    Net::CopyTrainedLayersFrom would (it aborts on a count or shape mismatch; a layer with
-    parameters but no weights would silently keep zeros, also refused here)."""
-    problems = []
-    for name, params in net.params.items():
-        if name not in model_shapes:
-            problems.append(f"layer '{name}' has parameters but the caffemodel has no layer "
-                            f"'{name}'")
-            continue
-        theirs = model_shapes[name]
-        ours = [tuple(p.data.shape) for p in params]
-        if len(theirs) != len(ours):
-            problems.append(f"layer '{name}': {len(ours)} parameter blobs in the prototxt, "
-                            f"{len(theirs)} in the caffemodel")
-            continue
-        for i, (a, b) in enumerate(zip(theirs, ours)):
-            if not _shape_equal(a, b):
-                problems.append(f"layer '{name}' blob {i}: prototxt {_fmt_shape(b)}, "
-                                f"caffemodel {_fmt_shape(a)}")
-    if problems:
-        raise BenchError(f"weights {weights_path} do not match {proto_path}:\n  "
-                         + "\n  ".join(problems))
-
+# ----------------------------------------------------------------------------- nets
 
 def check_net_pair(stock_param, dyve_param, stock_path, dyve_path):
     """Before building: the same layer names in the same order, and types that are equal
@@ -179,7 +60,7 @@ def check_net_pair(stock_param, dyve_param, stock_path, dyve_path):
         raise BenchError(f"stock {stock_path} and DyVE {dyve_path} have different layers ("
                          + "; ".join(detail) + ")")
     for (name, ta), (_, tb) in zip(a, b):
-        if ta != tb and STOCK_TO_DYVE.get(ta) != tb:
+        if ta != tb and dyve_settings.STOCK_TO_DYVE.get(ta) != tb:
             raise BenchError(f"layer '{name}' is {ta} in the stock net {stock_path} but {tb} "
                              f"in the DyVE net {dyve_path}")
 
@@ -200,214 +81,47 @@ def check_built_pair(stock, dyve, stock_path, dyve_path):
                              f"{stock_path} but {other} in the DyVE net {dyve_path}")
 
 
-# ----------------------------------------------------------------------------- images
-
-def _is_lmdb(path):
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "data.mdb"))
-
-
-def _read_folder(path, limit, size):
-    """Images of a folder (labels from wnid file-name prefixes), resized to `size`."""
-    import cv2
-    from dyve import data
-    try:
-        items = data.imagenet_labels(path)
-    except data.DataError as error:
-        raise BenchError(f"{path}: {error}") from None
-    if limit:
-        items = items[:limit]
-    images = []
-    for rel, _ in _progress(items, desc="reading", unit=" img"):
-        img = cv2.imread(os.path.join(path, rel), cv2.IMREAD_COLOR)
-        if img is None:
-            raise BenchError(f"{os.path.join(path, rel)}: OpenCV cannot read it")
-        images.append(cv2.resize(img, (size[1], size[0])).transpose(2, 0, 1))
-    return np.stack(images), np.asarray([label for _, label in items], np.int64)
-
-
-def load_images(path, input_shape, mean_file=None, mean_value=None, limit=None):
-    """(float32 N x C x H x W preprocessed as Caffe's TEST data layer, int64 labels).
-
-    `path`: a Datum LMDB (dyve.data) or a folder of images with wnid-prefixed names.
-    Mean subtraction (a mean image, or per-channel `mean_value`), then a centre crop to
-    the net's input H x W. A mean image of the crop's size is subtracted after the crop.
-    """
-    from dyve import data
-    c, h, w = input_shape
-    mean = None
-    if mean_file:
-        _need_file(mean_file, "mean file")
-        try:
-            mean = data.read_mean(mean_file)
-        except Exception as error:  # protobuf decode errors
-            raise BenchError(f"mean file {mean_file} is not a mean.binaryproto: {error}") \
-                from None
-    _need_file(path, "images")
-    if _is_lmdb(path):
-        try:
-            images, labels = data.read_lmdb(path, limit=limit)
-        except data.DataError as error:
-            raise BenchError(str(error)) from None
-    elif os.path.isdir(path):
-        if mean is not None and mean.shape[1] >= h and mean.shape[2] >= w:
-            size = mean.shape[1:]  # as the mean was made (e.g. 256x256), then centre crop
-        elif h > 64:
-            size = (max(h, 256), max(w, 256))  # the ImageNet convention
-        else:
-            size = (h, w)
-        images, labels = _read_folder(path, limit, size)
-    else:
-        raise BenchError(f"images {path} is neither an LMDB nor a folder of images")
-    if not len(images):
-        raise BenchError(f"no images in {path}")
-    n, ci, hi, wi = images.shape
-    if ci != c:
-        raise BenchError(f"images in {path} have {ci} channels, the net wants {c}")
-    if hi < h or wi < w:
-        raise BenchError(f"images in {path} are {hi}x{wi}, smaller than the net's input "
-                         f"{h}x{w}")
-    x = images.astype(np.float32)
-    y0, x0 = (hi - h) // 2, (wi - w) // 2
-    if mean is not None:
-        if mean.shape[0] != c:
-            raise BenchError(f"mean {mean_file} has {mean.shape[0]} channels, the net wants {c}")
-        if mean.shape[1:] == (hi, wi):
-            x -= mean
-        elif mean.shape[1:] != (h, w):
-            raise BenchError(f"mean {mean_file} is {mean.shape[1]}x{mean.shape[2]}, neither "
-                             f"the images' {hi}x{wi} nor the input's {h}x{w}")
-    x = np.ascontiguousarray(x[:, :, y0:y0 + h, x0:x0 + w])
-    if mean is not None and mean.shape[1:] == (h, w) and (hi, wi) != (h, w):
-        x -= mean
-    if mean_value is not None:
-        if len(mean_value) not in (1, c):
-            raise BenchError(f"--mean-value needs 1 or {c} values, got {len(mean_value)}")
-        x -= np.asarray(mean_value, np.float32).reshape(-1, 1, 1)
-    return x, labels
-
-
-# ----------------------------------------------------------------------------- nets
-
-def fill_weights(net, seed=FILLER_SEED):
-    """Seeded filler values for parameter blobs that are all zero (deploy prototxts have
-    no fillers): He-normal weights (std sqrt(2 / fan-in)), biases stay 0."""
-    rng = np.random.RandomState(seed)
-    for name, params in net.params.items():
-        for i, blob in enumerate(params):
-            if i == 0 and not blob.data.any():
-                fan_in = int(np.prod(blob.data.shape[1:])) or 1
-                blob.data[...] = rng.normal(0.0, math.sqrt(2.0 / fan_in),
-                                            blob.data.shape).astype(np.float32)
-
-
-def layer_macs(net):
-    """{layer name: MACs per image} of every (Dyve)Convolution / (Dyve)InnerProduct layer,
-    from shapes: outputs per image x weights per output (weight shape[1:])."""
-    macs = {}
-    for name, layer in zip(net._layer_names, net.layers):
-        if layer.type not in WEIGHTED_TYPES:
-            continue
-        top = net.blobs[net.top_names[name][0]].data
-        weight = net.params[name][0].data
-        per_image = top.size // top.shape[0]
-        macs[name] = int(per_image) * int(np.prod(weight.shape[1:]))
-    return macs
-
-
 def load_nets(stock_path, dyve_path, weights, tmp_dir):
     """Build both nets, check them against each other and the weights, load the weights.
 
     Returns (stock, dyve, weights_file) where weights_file is `weights` or, without it, a
     temporary caffemodel of the filled stock net (also used by the workers and OpenCV).
     """
-    caffe = _caffe()
-    stock_param = read_prototxt(stock_path, "stock prototxt")
-    dyve_param = read_prototxt(dyve_path, "DyVE prototxt")
+    stock_param = caffe_io.read_net_param(stock_path, "--stock")
+    dyve_param = caffe_io.read_net_param(dyve_path, "--dyve")
     check_net_pair(stock_param, dyve_param, stock_path, dyve_path)
-    if not any(l.type in STOCK_TO_DYVE.values() for l in dyve_param.layer):
-        raise BenchError(f"DyVE prototxt {dyve_path} has no DyveConvolution / "
-                         "DyveInnerProduct layer")
-    model_shapes = caffemodel_shapes(weights) if weights else None
-    stock = caffe.Net(stock_path, caffe.TEST)
-    dyve = caffe.Net(dyve_path, caffe.TEST)
+    if not caffe_io.has_dyve_layers(dyve_param):
+        raise BenchError(f"--dyve: {dyve_path} has no DyveConvolution / DyveInnerProduct "
+                         "layer")
+    stock = caffe_io.load_net(stock_path)
+    dyve = caffe_io.load_net(dyve_path)
     check_built_pair(stock, dyve, stock_path, dyve_path)
     if weights:
-        check_weights(stock, model_shapes, weights, stock_path)
-        check_weights(dyve, model_shapes, weights, dyve_path)
-        stock.copy_from(weights)
-        dyve.copy_from(weights)
+        for net, path in ((stock, stock_path), (dyve, dyve_path)):
+            caffe_io.check_weights(net, weights, "--weights", path)
+            net.copy_from(weights)
+            caffe_io.check_finite(net, weights)
         return stock, dyve, weights
-    fill_weights(stock)
+    engines.fill_weights(stock)
     path = os.path.join(tmp_dir, "filler_weights.caffemodel")
     stock.save(path)
     dyve.copy_from(path)
     return stock, dyve, path
 
 
-def _input_name(net):
-    return net.inputs[0]
-
-
-def _reshape(net, batch):
-    blob = net.blobs[_input_name(net)]
-    if blob.data.shape[0] != batch:
-        blob.reshape(batch, *blob.data.shape[1:])
-        net.reshape()
-
-
-def _caffe_forward(net, x):
-    _reshape(net, len(x))
-    net.blobs[_input_name(net)].data[...] = x
-    net._forward(0, len(net.layers) - 1)
-    return net.blobs[net.outputs[-1]].data.reshape(len(x), -1).copy()
-
-
-def _opencv_net(stock_path, weights, threads=None):
-    import cv2
-    if threads is not None:
-        cv2.setNumThreads(int(threads))
-    try:
-        net = cv2.dnn.readNetFromCaffe(stock_path, weights)
-    except cv2.error as error:
-        raise BenchError(f"OpenCV dnn cannot read {stock_path} with {weights}: "
-                         f"{str(error).strip()}") from None
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
-    return net
-
-
-def _opencv_forward(net, x):
-    net.setInput(x)
-    return np.asarray(net.forward()).reshape(len(x), -1).copy()
-
-
 # ----------------------------------------------------------------------------- accuracy
 
-def paired_stats(correct_ref, correct_new):
-    """Paired comparison of two 0/1 vectors on the same images: accuracies, difference
-    new - ref, flips and a 95 % confidence interval from the paired standard error."""
-    a = np.asarray(correct_ref, np.float64)
-    b = np.asarray(correct_new, np.float64)
-    n = len(a)
-    d = b - a
-    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    diff = float(d.mean()) if n else 0.0
-    return {"ref": float(a.mean()), "new": float(b.mean()), "diff": diff, "se": se,
-            "diff_ci95": [diff - 1.96 * se, diff + 1.96 * se],
-            "flips_right_to_wrong": int(((a == 1) & (b == 0)).sum()),
-            "flips_wrong_to_right": int(((a == 0) & (b == 1)).sum())}
-
-
-def _topk_correct(scores, labels, k):
-    if k == 1:
-        return scores.argmax(axis=1) == labels
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return (top == labels[:, None]).any(axis=1)
+def paired_entry(correct_ref, correct_new):
+    """summary.json's paired comparison of two engines (fractions; diff = new - ref, the
+    negative of stats.paired's loss, with its 95 % interval)."""
+    st = stats.paired(correct_ref, correct_new, 0.95)
+    return {"ref": st["acc_ref"], "new": st["acc_new"], "diff": -st["loss"], "se": st["se"],
+            "diff_ci95": [-st["ci_high"], -st["ci_low"]],
+            "flips_right_to_wrong": st["n_rw"], "flips_wrong_to_right": st["n_wr"]}
 
 
 def accuracy_pass(stock, dyve, images, labels, batch, cv_net=None):
     """Scores of every engine over `images` (batches of `batch`) and the DyVE effort."""
-    from dyve import live
     live.reset_effort(dyve)
     scores = {"stock": [], "dyve": []}
     if cv_net is not None:
@@ -415,16 +129,15 @@ def accuracy_pass(stock, dyve, images, labels, batch, cv_net=None):
     for start in _progress(range(0, len(images), batch), desc="accuracy pass",
                            unit=" batch"):
         x = images[start:start + batch]
-        scores["stock"].append(_caffe_forward(stock, x))
-        scores["dyve"].append(_caffe_forward(dyve, x))
+        scores["stock"].append(caffe_io.forward(stock, x))
+        scores["dyve"].append(caffe_io.forward(dyve, x))
         if cv_net is not None:
-            scores["opencv"].append(_opencv_forward(cv_net, x))
+            scores["opencv"].append(engines.opencv_forward(cv_net, x))
     scores = {k: np.concatenate(v) for k, v in scores.items()}
-    effort = live.effort(dyve)
-    return scores, effort
+    return scores, live.effort(dyve)
 
 
-def accuracy_summary(scores, labels, with_accuracy):
+def accuracy_summary(scores, labels, with_accuracy, images_path="--images"):
     classes = scores["stock"].shape[1]
     result = {"num_classes": int(classes),
               "agreement_top1": float((scores["dyve"].argmax(1)
@@ -434,90 +147,22 @@ def accuracy_summary(scores, labels, with_accuracy):
                                                  == scores["stock"].argmax(1)).mean())
     if not with_accuracy:
         return result
-    if labels.max() >= classes or labels.min() < 0:
-        raise BenchError(f"labels go up to {labels.max()} but the net has {classes} outputs "
-                         "(wrong images for this net?)")
+    caffe_io.check_labels(labels, classes, images_path)
     ks = (1, 5) if classes >= 100 else (1,)
     for k in ks:
-        correct = {e: _topk_correct(s, labels, k) for e, s in scores.items()}
-        stats = paired_stats(correct["stock"], correct["dyve"])
-        entry = {"stock": stats["ref"], "dyve": stats["new"], "diff": stats["diff"],
-                 "se": stats["se"], "diff_ci95": stats["diff_ci95"],
-                 "flips_right_to_wrong": stats["flips_right_to_wrong"],
-                 "flips_wrong_to_right": stats["flips_wrong_to_right"]}
+        correct = {e: stats.topk_correct(s, labels, k) for e, s in scores.items()}
+        entry = paired_entry(correct["stock"], correct["dyve"])
+        entry = {"stock": entry.pop("ref"), "dyve": entry.pop("new"), **entry}
         if "opencv" in correct:
             entry["opencv"] = float(correct["opencv"].mean())
-            entry["opencv_vs_stock"] = paired_stats(correct["stock"], correct["opencv"])
+            entry["opencv_vs_stock"] = paired_entry(correct["stock"], correct["opencv"])
         result[f"top{k}"] = entry
+    top1 = result["top1"]["stock"]
+    if len(labels) >= 50 and top1 <= CHANCE_FACTOR / classes:
+        raise BenchError(f"the stock net's top-1 is {100 * top1:.2f} % on {len(labels)} "
+                         f"images of {images_path}, at chance level for {classes} classes: "
+                         "wrong weights, mean or images for this net?")
     return result
-
-
-# ----------------------------------------------------------------------------- effort
-
-def effort_summary(effort, macs, types, settings, images):
-    """Per-layer and per-knob operation counts over the accuracy pass (see module doc).
-
-    `effort`: live.effort of the DyVE net; `macs`: layer_macs of the stock net (per image);
-    `types`: {name: DyVE net layer type}; `settings`: {DyVE layer: knob settings}.
-    Returns (effort dict, totals dict, warnings)."""
-    warnings = []
-    layers = {}
-    for name, per_image in macs.items():
-        if name in effort:
-            e = effort[name]
-            skipped = {k: int(e[f"macs_skipped_{k}"]) for k in KNOBS}
-            overhead = {k: int(e[f"ops_{k}"]) for k in KNOBS}
-            dense = int(e["macs_dense"])
-            executed_macs = int(e["macs_executed"])
-            ops_exec = executed_macs + sum(overhead.values())
-            if dense != executed_macs + sum(skipped.values()):
-                warnings.append(f"{name}: macs_dense {dense} != macs_executed + skipped "
-                                f"{executed_macs + sum(skipped.values())}")
-            if dense != per_image * images:
-                warnings.append(f"{name}: macs_dense {dense} != {per_image} MACs per image x "
-                                f"{images} images from the stock net's shapes")
-            if int(e["images"]) != images:
-                warnings.append(f"{name}: effort counted {e['images']} images, the pass had "
-                                f"{images}")
-            layers[name] = {
-                "dyve": True, "type": types.get(name), "images": int(e["images"]),
-                "macs_dense": dense, "macs_executed": executed_macs,
-                "macs_skipped": skipped, "ops_overhead": overhead,
-                "ops_dense": dense, "ops_executed": ops_exec,
-                "ops_reduction": dense / ops_exec if ops_exec else float("inf"),
-                "neurons": {"outputs": int(e["outputs"]),
-                            **{KNOB_NEURONS[k]: int(e[KNOB_NEURONS[k]]) for k in KNOBS}},
-                "settings": settings.get(name)}
-        else:
-            dense = per_image * images
-            layers[name] = {
-                "dyve": False, "type": types.get(name), "images": images,
-                "macs_dense": dense, "macs_executed": dense,
-                "macs_skipped": {k: 0 for k in KNOBS}, "ops_overhead": {k: 0 for k in KNOBS},
-                "ops_dense": dense, "ops_executed": dense, "ops_reduction": 1.0,
-                "neurons": None, "settings": None}
-    dyve_rows = [r for r in layers.values() if r["dyve"]]
-    dense_dyve = sum(r["ops_dense"] for r in dyve_rows)
-    exec_dyve = sum(r["ops_executed"] for r in dyve_rows)
-    other = sum(r["ops_dense"] for r in layers.values() if not r["dyve"])
-    totals = {
-        "ops_dense": dense_dyve + other, "ops_executed": exec_dyve + other,
-        "ops_dense_dyve_layers": dense_dyve, "ops_executed_dyve_layers": exec_dyve,
-        "ops_non_dyve_layers": other,
-    }
-    totals["ops_reduction"] = totals["ops_dense"] / totals["ops_executed"]
-    totals["ops_reduction_dyve_layers"] = dense_dyve / exec_dyve if exec_dyve else 1.0
-    totals["ops_dense_per_image"] = totals["ops_dense"] / images
-    totals["ops_executed_per_image"] = totals["ops_executed"] / images
-    knobs = {}
-    for k in KNOBS:
-        skipped = sum(r["macs_skipped"][k] for r in dyve_rows)
-        over = sum(r["ops_overhead"][k] for r in dyve_rows)
-        knobs[k] = {"macs_skipped": skipped, "ops_overhead": over,
-                    "net_ops_saved": skipped - over,
-                    "share_of_dense": skipped / totals["ops_dense"],
-                    KNOB_NEURONS[k]: sum(r["neurons"][KNOB_NEURONS[k]] for r in dyve_rows)}
-    return {"images": images, "layers": layers, "knobs": knobs}, totals, warnings
 
 
 # ----------------------------------------------------------------------------- main
@@ -559,7 +204,10 @@ def build_parser():
                    "data/cifar10/mean.binaryproto)")
     p.add_argument("--mean-value", type=_floats, help="per-channel mean instead, e.g. "
                    "103.939,116.779,123.68")
-    p.add_argument("--max-images", type=int, help="use the first N images (default: all)")
+    p.add_argument("--max-images", type=int, help="use the first N images of an LMDB, or a "
+                   "seeded random N of a folder (default: all)")
+    p.add_argument("--exclude-tuning", metavar="SEARCH_JSON", help="leave out the test "
+                   "images a `dyve.tune --protocol paper` run tuned on (its search.json)")
     p.add_argument("--batch", type=int, default=100, help="batch N (default %(default)s); "
                    "timed at batch 1 and batch N")
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds "
@@ -601,43 +249,66 @@ def _resolve_defaults(args):
             raise BenchError(f"--{name} must be at least 1")
     if args.max_images is not None and args.max_images < 1:
         raise BenchError("--max-images must be at least 1")
-    _need_file(args.stock, "stock prototxt")
-    _need_file(args.dyve, "DyVE prototxt")
+    if args.mean and args.mean_value is not None:
+        raise BenchError("give --mean or --mean-value, not both")
+    caffe_io.need_file(args.stock, "--stock", "prototxt")
+    caffe_io.need_file(args.dyve, "--dyve", "prototxt")
     if args.weights:
-        _need_file(args.weights, "weights file")
-        if os.path.isdir(args.weights):
-            raise BenchError(f"weights file {args.weights} is a folder")
-    _need_file(args.images, "images")
+        caffe_io.need_file(args.weights, "--weights", "caffemodel")
+    caffe_io.image_source(args.images)
     if args.mean:
-        _need_file(args.mean, "mean file")
+        caffe_io.need_file(args.mean, "--mean", "mean file")
+    if args.exclude_tuning:
+        caffe_io.need_file(args.exclude_tuning, "--exclude-tuning", "search.json")
+    files.ensure_writable_dir(args.out_dir)
+
+
+def tuning_indices(search_json):
+    """The test-set indices a paper-protocol tuning run tuned on (its search.json)."""
+    import json
+    try:
+        with open(search_json) as f:
+            indices = json.load(f)["tune_indices"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BenchError(f"--exclude-tuning: {search_json} is not the search.json of a "
+                         f"--protocol paper run ({type(error).__name__}: {error})") from None
+    return np.asarray(indices, np.int64)
 
 
 def run(args, argv):
     """The benchmark; returns the summary dict (also written to args.out_dir)."""
-    from dyve import live, report, timing  # they import this module: not at its top
+    from dyve import report, timing
     _resolve_defaults(args)
     started = time.time()
     machine = machine_facts()
     tmp_dir = tempfile.mkdtemp(prefix="dyve-bench-")
     try:
         stock, dyve, weights_file = load_nets(args.stock, args.dyve, args.weights, tmp_dir)
-        shape = stock.blobs[_input_name(stock)].data.shape[1:]
-        images, labels = load_images(args.images, shape, args.mean, args.mean_value,
-                                     args.max_images)
+        shape = stock.blobs[caffe_io.input_blob(stock)].data.shape[1:]
+        mean = args.mean_value if args.mean_value is not None else args.mean
+        images, labels = caffe_io.load_images(args.images, shape, mean, args.max_images)
+        excluded = 0
+        if args.exclude_tuning:  # the paper protocol reports on the images it did not tune
+            keep = np.ones(len(images), bool)
+            tuned_on = tuning_indices(args.exclude_tuning)
+            keep[tuned_on[tuned_on < len(images)]] = False
+            excluded = int((~keep).sum())
+            images, labels = images[keep], labels[keep]
         n = len(images)
         batch = min(args.batch, n)
         if args.opencv and weights_file.endswith((".h5", ".hdf5")):
             # OpenCV reads binary caffemodels only: hand it a copy of the loaded weights.
             weights_file = os.path.join(tmp_dir, "weights_for_opencv.caffemodel")
             stock.save(weights_file)
-        cv_net = _opencv_net(args.stock, weights_file) if args.opencv else None
+        cv_net = engines.opencv_net(args.stock, weights_file) if args.opencv else None
 
         scores, effort = accuracy_pass(stock, dyve, images, labels, batch, cv_net)
-        acc = accuracy_summary(scores, labels, with_accuracy=bool(args.weights))
-        macs = layer_macs(stock)
+        acc = accuracy_summary(scores, labels, with_accuracy=bool(args.weights),
+                               images_path=args.images)
+        macs = caffe_io.layer_macs(stock)
         types = dict(zip(dyve._layer_names, (l.type for l in dyve.layers)))
         settings = {name: live.get_settings(dyve, name) for name in live.dyve_layers(dyve)}
-        eff, totals, warnings = effort_summary(effort, macs, types, settings, n)
+        eff, totals, warnings = dyve_effort.summarize(effort, macs, types, settings, n)
         del cv_net
 
         time_n = args.time_images or batch
@@ -662,10 +333,12 @@ def run(args, argv):
         "command": " ".join(shlex.quote(a) for a in
                             [os.path.basename(sys.executable), "-m", "dyve.bench"] + argv),
         "weights": _display_path(args.weights) if args.weights else None,
-        "filler_seed": None if args.weights else FILLER_SEED,
+        "filler_seed": None if args.weights else engines.FILLER_SEED,
         "stock": _display_path(args.stock),
         "dyve": _display_path(args.dyve),
         "images_source": _display_path(args.images),
+        "excluded_tuning_images": excluded,
+        "exclude_tuning": args.exclude_tuning and _display_path(args.exclude_tuning),
         "mean": args.mean and _display_path(args.mean),
         "mean_value": args.mean_value,
         "images": int(n), "num_classes": acc["num_classes"], "batch": batch,
@@ -700,10 +373,16 @@ def _display_path(path):
     return path if rel.startswith(os.pardir) else rel
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # unwinds through the worker's wait and the temp-dir cleanup
+
+
 def main(argv=None):
-    from dyve import report, timing  # they import this module: not at its top
+    from dyve import report, timing
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if not args.worker and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.worker:
             return timing.worker_main(args.worker)
@@ -718,9 +397,12 @@ def main(argv=None):
             print(f"{count} settings plotted to {args.plot_tuning[1]}")
             return 0
         summary = run(args, argv)
-    except BenchError as error:
+    except DyveError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
     out = args.out_dir
     print(report.render_markdown(summary).split("\n## ")[0].rstrip())
     print(f"\nwrote {os.path.join(out, 'summary.json')}, summary.md, effort.png")
@@ -728,7 +410,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Run as the module dyve.bench, which dyve.report and dyve.timing import, so that the
-    # BenchError they raise is the one main() catches.
-    from dyve import bench
-    sys.exit(bench.main())
+    sys.exit(main())

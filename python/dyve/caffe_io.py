@@ -22,7 +22,8 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 IMAGENET_STORED_SIZE = 256
 
 
-def _caffe():
+def caffe_module():
+    """pycaffe, in CPU mode, with Caffe's log quiet unless GLOG_minloglevel says else."""
     os.environ.setdefault("GLOG_minloglevel", "2")  # before pycaffe loads glog
     import caffe
     caffe.set_mode_cpu()
@@ -59,7 +60,7 @@ def read_net_param(path, what="--model"):
                          "upgrade_net_proto_text first")
     if not param.layer:
         raise InputError(f"{what}: {path} has no layers")
-    known = set(_caffe().layer_type_list())
+    known = set(caffe_module().layer_type_list())
     for layer in param.layer:
         if layer.type not in known:
             raise InputError(f"{what}: {path}: layer '{layer.name}' has type "
@@ -219,7 +220,7 @@ def _prototxt_file(net_param):
 def load_net(model, weights=None, what="--weights", model_name=None):
     """A TEST-phase pycaffe net of `model` (a prototxt path or a NetParameter), with
     `weights` checked against it first and loaded when given."""
-    caffe = _caffe()
+    caffe = caffe_module()
     if isinstance(model, (str, os.PathLike)):
         net = caffe.Net(os.fspath(model), caffe.TEST)
         model_name = model_name or os.fspath(model)
@@ -229,7 +230,17 @@ def load_net(model, weights=None, what="--weights", model_name=None):
     if weights:
         check_weights(net, weights, what, model_name)
         net.copy_from(weights)
+        check_finite(net, weights, what)
     return net
+
+
+def check_finite(net, weights, what="--weights"):
+    """Refuse loaded weights that hold NaN or infinity, naming the blob."""
+    for name, params in net.params.items():
+        for i, blob in enumerate(params):
+            if not np.all(np.isfinite(blob.data)):
+                raise InputError(f"{what}: {weights}: layer '{name}' blob {i} holds values "
+                                 "that are not finite (NaN or infinity)")
 
 
 # ----------------------------------------------------------------------------- nets

@@ -9,3 +9,7 @@ class DyveError(RuntimeError):
 
 class InputError(DyveError):
     """A prototxt, caffemodel, mean or image set that cannot be used as given."""
+
+
+class BenchError(DyveError):
+    """A failed benchmark step (dyve.bench, dyve.timing, dyve.report)."""

@@ -9,7 +9,11 @@ import sys
 import numpy as np
 
 from dyve import files
-from dyve.bench import FILLER_SEED, KNOB_NEURONS, KNOBS, NO_WEIGHTS_LABEL, BenchError, _need_file
+from dyve.effort import KNOB_NEURONS, KNOBS
+from dyve.engines import FILLER_SEED
+from dyve.errors import BenchError
+
+NO_WEIGHTS_LABEL = "no weights: dense-path overhead only"
 
 SCHEMA_VERSION = 1
 
@@ -37,9 +41,10 @@ def write_json(path, obj):
 def write_report(summary, out_dir):
     """summary.json, summary.md and effort.png in `out_dir`; tuning.png too when a tuner
     ran for the net (out_dir/tune/search.json)."""
+    # summary.json is the record the others belong to: an old one goes first, the new one
+    # comes last, so a full disk never leaves a summary without its plot and table.
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "summary.json"), summary)
-    files.write_atomic(os.path.join(out_dir, "summary.md"), render_markdown(summary))
+    files.remove_if_present(os.path.join(out_dir, "summary.json"))
     plot_effort(summary, os.path.join(out_dir, "effort.png"))
     search = os.path.join(out_dir, "tune", "search.json")
     if os.path.isfile(search):  # a tuner ran for this net: plot its search too
@@ -47,10 +52,14 @@ def write_report(summary, out_dir):
             plot_tuning(search, os.path.join(out_dir, "tuning.png"))
         except (BenchError, ValueError, TypeError, KeyError) as error:
             print(f"warning: no tuning plot from {search}: {error}", file=sys.stderr)
+    files.write_atomic(os.path.join(out_dir, "summary.md"), render_markdown(summary))
+    write_json(os.path.join(out_dir, "summary.json"), summary)
 
 
 def _read_json(path, what):
-    _need_file(path, what)
+    if not os.path.isfile(path):
+        raise BenchError(f"{what} {path} does not exist" if not os.path.exists(path)
+                         else f"{what} {path} is not a file")
     try:
         with open(path) as f:
             return json.load(f)

@@ -14,12 +14,18 @@ import time
 
 import numpy as np
 
-from dyve import files
-from dyve.bench import (STOCK_TO_DYVE, BenchError, _caffe, _input_name, _opencv_net,
-                        _progress, _reshape)
+from dyve import caffe_io, files
+from dyve.engines import opencv_net
+from dyve.errors import BenchError
 from dyve.machine import _loadavg, openblas_info
+from dyve.settings import DYVE_TYPES
 
 _clock = time.perf_counter
+
+
+def _progress(iterable, **kwargs):
+    from tqdm import tqdm
+    return tqdm(iterable, disable=None, **kwargs)  # a bar on a terminal only
 
 
 def _median(values):
@@ -32,7 +38,7 @@ def _ratio(a, b):
 
 def _time_caffe(net, x):
     """Seconds of one whole-net forward of a Caffe net already shaped for `x`."""
-    net.blobs[_input_name(net)].data[...] = x
+    net.blobs[caffe_io.input_blob(net)].data[...] = x
     t0 = _clock()
     net._forward(0, len(net.layers) - 1)
     return _clock() - t0
@@ -109,12 +115,12 @@ def worker_main(spec_path):
     """The timing worker: one thread count, all batch sizes; writes spec['out']."""
     with open(spec_path) as f:
         spec = json.load(f)
-    caffe = _caffe()
+    caffe = caffe_io.caffe_module()
     threads = spec["threads"]
     stock = caffe.Net(spec["stock"], spec["weights"], caffe.TEST)
     dyve = caffe.Net(spec["dyve"], spec["weights"], caffe.TEST)
     images = np.load(spec["images"])
-    cv_net = _opencv_net(spec["stock"], spec["weights"], threads) if spec["opencv"] else None
+    cv_net = opencv_net(spec["stock"], spec["weights"], threads) if spec["opencv"] else None
     result = {"threads": threads, "openblas": openblas_info(), "loadavg_before": _loadavg(),
               "batches": {}}
     if cv_net is not None:
@@ -123,7 +129,7 @@ def worker_main(spec_path):
     repeats = spec["repeats"]
     spans = {name: (*_stock_span(stock, dyve, name), j)
              for j, (name, layer) in enumerate(zip(dyve._layer_names, dyve.layers))
-             if layer.type in STOCK_TO_DYVE.values()}
+             if layer.type in DYVE_TYPES}
     engines = {"stock": lambda x: _time_caffe(stock, x),
                "dyve": lambda x: _time_caffe(dyve, x)}
     if cv_net is not None:
@@ -131,7 +137,7 @@ def worker_main(spec_path):
     for batch in spec["batches"]:
         chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
         for net in (stock, dyve):
-            _reshape(net, batch)
+            caffe_io.reshape(net, batch)
         result["batches"][str(batch)] = {
             "images": len(images), "chunks": len(chunks),
             "rounds_ms": interleaved_rounds(engines, chunks, repeats,
@@ -157,7 +163,18 @@ def run_worker(spec, threads, tmp_dir):
     paths = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__)))
              for m in (caffe, dyve)]
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-m", "dyve.bench", "--worker", spec_path], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "dyve.bench", "--worker", spec_path],
+                            env=env)
+    try:
+        proc.wait()
+    except BaseException:  # Ctrl-C or SIGTERM (bench turns it into KeyboardInterrupt)
+        proc.terminate()  # passed on, so no worker outlives the benchmark
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
     if proc.returncode != 0 or not os.path.isfile(spec["out"]):
         raise BenchError(f"timing worker with {threads} thread(s) failed (exit "
                          f"{proc.returncode}); see its messages above")

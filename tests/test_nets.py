@@ -261,6 +261,9 @@ EXPECTED_DYVE_LAYERS = {
     "vgg16": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
               "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6",
               "fc7"],
+    # conv1 and each block's branch2a; branch2b feeds the residual Eltwise, not a ReLU.
+    "resnet34": ["conv1"] + [f"res{s}{chr(ord('a') + b)}_branch2a"
+                             for s, _, blocks in nets.RESNET34_STAGES for b in range(blocks)],
 }
 
 

@@ -423,6 +423,90 @@ def vgg16(form="train_val", dyve=None, train_source=IMAGENET_TRAIN_LMDB,
                    dyve=dyve)
 
 
+# dlib's input_rgb_image mean pixel (dlib/dnn/input.h: avg_red 122.782, avg_green 117.001,
+# avg_blue 104.298), in Caffe's BGR order.
+DLIB_MEAN_BGR = (104.298, 117.001, 122.782)
+# ResNet-34: (stage, width, blocks) of He et al. 2016, Table 1, "34-layer".
+RESNET34_STAGES = ((2, 64, 3), (3, 128, 4), (4, 256, 6), (5, 512, 3))
+
+
+def resnet34(form="train_val", dyve=None, train_source=IMAGENET_TRAIN_LMDB,
+             test_source=IMAGENET_VAL_LMDB, mean_value=DLIB_MEAN_BGR, batch_size=(256, 50),
+             deploy_batch=10):
+    """ResNet-34 (He, Zhang, Ren & Sun, "Deep Residual Learning for Image Recognition",
+    CVPR 2016, Table 1) exactly as dlib's examples/dnn_imagenet_ex.cpp builds it, the net
+    of dlib's resnet34_1000_imagenet_classifier.dnn (python/dyve/resnet34.py converts
+    its weights; docs/resnet34.md has the layer-by-layer mapping).
+
+    227x227 input (dlib's input_rgb_image_sized<227>); dlib's conv and pooling layers pad
+    only at stride 1 (padding kernel/2), never at stride 2:
+      conv1 64 7x7/2 pad 0 -> 111, ReLU, pool1 max 3x3/2 -> 55,
+      stages res2..res5 of 3, 4, 6, 3 basic blocks (64, 128, 256, 512 maps: 55, 27, 13,
+      6): branch2a 3x3 (stride 2, pad 0 in the first block of res3..res5, else stride 1,
+      pad 1), ReLU, branch2b 3x3/1 pad 1, Eltwise SUM with the shortcut, ReLU;
+      pool5 global average, fc1000.
+    dlib's affine layers (batch norm at inference) are folded into the convolutions, so
+    every convolution has a bias and the net has no BatchNorm/Scale layer. The shortcut of
+    a downsampling block is dlib's avg_pool 2x2/2 (pad 0, floor rounding) of the block's
+    input, zero-extended to twice the channels by dlib's add_prev: here
+    `res<s>a_branch1_pool` (AVE 2x2/2, round_mode FLOOR), `res<s>a_branch1_zeros` (Power
+    scale 0: zeros of the same shape) and `res<s>a_branch1` (Concat of the two). Max and
+    average pools use round_mode FLOOR, dlib's output-size rule. Input: BGR pixels minus
+    `mean_value` (dlib's mean); dlib's further division by 256 and its RGB order are
+    folded into conv1's weights by the converter, so no `scale` in the transform.
+
+    DyVE form: conv1 and every branch2a (a ReLU follows directly) become DyveConvolution;
+    branch2b feeds the Eltwise and stays stock, as does fc1000. The train_val form
+    (random/centre 227 crops of 256x256 LMDBs, mirror for TRAIN) is for evaluating the
+    converted weights with `caffe test`; with the batch norms folded it is not a
+    training recipe.
+    """
+    _check_form(form)
+    n = caffe.NetSpec()
+    top = _input(n, form, (deploy_batch, 3, 227, 227))
+    floor = P.Pooling.FLOOR
+
+    def conv(bottom, num_output, kernel_size, stride=1, pad=0):
+        kw = dict(num_output=num_output, kernel_size=kernel_size)
+        if pad:
+            kw["pad"] = pad
+        if stride != 1:
+            kw["stride"] = stride
+        return L.Convolution(bottom, param=_LR_DECAY, **kw,
+                             weight_filler=dict(type="msra"),
+                             bias_filler=dict(type="constant", value=0))
+
+    n.conv1 = conv(top, 64, 7, stride=2)
+    n.conv1_relu = _relu(n.conv1)
+    n.pool1 = top = L.Pooling(n.conv1, pool=P.Pooling.MAX, kernel_size=3, stride=2,
+                              round_mode=floor)
+    for stage, width, blocks in RESNET34_STAGES:
+        for b in range(blocks):
+            name = f"res{stage}{chr(ord('a') + b)}"
+            down = b == 0 and stage > 2
+            n[name + "_branch2a"] = conv(top, width, 3, stride=2 if down else 1,
+                                         pad=0 if down else 1)
+            n[name + "_branch2a_relu"] = _relu(n[name + "_branch2a"])
+            n[name + "_branch2b"] = conv(n[name + "_branch2a"], width, 3, pad=1)
+            shortcut = top
+            if down:
+                n[name + "_branch1_pool"] = L.Pooling(top, pool=P.Pooling.AVE, kernel_size=2,
+                                                      stride=2, round_mode=floor)
+                n[name + "_branch1_zeros"] = L.Power(n[name + "_branch1_pool"], scale=0)
+                n[name + "_branch1"] = shortcut = L.Concat(n[name + "_branch1_pool"],
+                                                           n[name + "_branch1_zeros"])
+            n[name] = L.Eltwise(n[name + "_branch2b"], shortcut,
+                                operation=P.Eltwise.SUM)
+            n[name + "_relu"] = top = _relu(n[name])
+    n.pool5 = L.Pooling(top, pool=P.Pooling.AVE, global_pooling=True)
+    n.fc1000 = L.InnerProduct(n.pool5, param=_LR_DECAY, num_output=1000,
+                              weight_filler=dict(type="msra"),
+                              bias_filler=dict(type="constant", value=0))
+    data_layers = _imagenet_data(train_source, test_source, 227, batch_size,
+                                 mean_value=mean_value)
+    return _finish(n, "ResNet-34_dlib", form, n.fc1000, data_layers, top5=True, dyve=dyve)
+
+
 NETS = {
     "cifar10_quick": cifar10_quick,
     "cifar10_full": cifar10_full,
@@ -430,6 +514,7 @@ NETS = {
     "overfeat_fast": overfeat_fast,
     "overfeat_accurate": overfeat_accurate,
     "vgg16": vgg16,
+    "resnet34": resnet34,
 }
 
 

@@ -3,10 +3,12 @@
 
 #include <stdint.h>
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "caffe/common.hpp"
 #include "caffe/proto/caffe.pb.h"
 
 namespace caffe {
@@ -66,6 +68,19 @@ void SetBlasThreads(int threads);
 
 /// True when any knob (SPET, exact mode, SDSS, SFMA) is on.
 bool DyveKnobsOn(const DyveParameter& param);
+
+/// Exact mode is only exact for non-negative inputs (after a ReLU): fails,
+/// naming the layer and its bottom, when the `count` values `data` of bottom
+/// `bottom_index` have a negative one.
+template <typename Dtype>
+void CheckExactModeInput(const Dtype* data, int count, const char* type,
+    const LayerParameter& param, int bottom_index) {
+  const Dtype lowest = *std::min_element(data, data + count);
+  CHECK_GE(lowest, 0) << type << " layer '" << param.name()
+      << "': dyve_param.spet.exact needs non-negative inputs, but bottom '"
+      << param.bottom(bottom_index) << "' has " << lowest
+      << "; use exact mode only on layers whose input is rectified";
+}
 
 }  // namespace caffe
 

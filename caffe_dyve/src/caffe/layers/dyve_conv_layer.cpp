@@ -450,11 +450,7 @@ void DyveConvolutionLayer<Dtype>::Forward_cpu(
     const uint64_t fan_in = this->blobs_[0]->count(1);
     for (int i = 0; i < top.size(); ++i) {
       if (dyve_param_.relu()) {
-        Dtype* top_data = top[i]->mutable_cpu_data();
-        const int count = top[i]->count();
-        for (int j = 0; j < count; ++j) {
-          top_data[j] = std::max(top_data[j], Dtype(0));
-        }
+        ReluInPlace(top[i]->count(), top[i]->mutable_cpu_data());
       }
       effort_.images += this->num_;
       effort_.outputs += top[i]->count();
@@ -467,13 +463,8 @@ void DyveConvolutionLayer<Dtype>::Forward_cpu(
   for (int i = 0; i < bottom.size(); ++i) {
     const Dtype* bottom_data = bottom[i]->cpu_data();
     if (dyve_param_.spet().exact()) {
-      // Exact mode is only exact for non-negative inputs (after a ReLU).
-      const Dtype lowest = *std::min_element(bottom_data,
-          bottom_data + bottom[i]->count());
-      CHECK_GE(lowest, 0) << type() << " layer '" << this->layer_param_.name()
-          << "': dyve_param.spet.exact needs non-negative inputs, but bottom '"
-          << this->layer_param_.bottom(i) << "' has " << lowest
-          << "; use exact mode only on layers whose input is rectified";
+      CheckExactModeInput(bottom_data, bottom[i]->count(), type(),
+          this->layer_param_, i);
     }
     Dtype* top_data = top[i]->mutable_cpu_data();
     // The images of a batch split over as many threads as BLAS may use; BLAS
@@ -528,11 +519,8 @@ void DyveConvolutionLayer<Dtype>::Backward_cpu(
       << "every knob off";
   if (dyve_param_.relu()) {
     for (int i = 0; i < top.size(); ++i) {
-      const Dtype* top_data = top[i]->cpu_data();
-      Dtype* top_diff = top[i]->mutable_cpu_diff();
-      for (int j = 0; j < top[i]->count(); ++j) {
-        if (!(top_data[j] > 0)) top_diff[j] = 0;
-      }
+      MaskReluDiff(top[i]->count(), top[i]->cpu_data(),
+          top[i]->mutable_cpu_diff());
     }
   }
   ConvolutionLayer<Dtype>::Backward_cpu(top, propagate_down, bottom);

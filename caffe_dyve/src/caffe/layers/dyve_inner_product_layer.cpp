@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "caffe/layers/dyve_inner_product_layer.hpp"
+#include "caffe/util/dyve_math.hpp"
 
 namespace caffe {
 
@@ -62,11 +63,7 @@ void DyveInnerProductLayer<Dtype>::Forward_cpu(
   if (!DyveKnobsOn(dyve_param_)) {
     InnerProductLayer<Dtype>::Forward_cpu(bottom, top);
     if (dyve_param_.relu()) {
-      Dtype* top_data = top[0]->mutable_cpu_data();
-      const int count = top[0]->count();
-      for (int i = 0; i < count; ++i) {
-        top_data[i] = std::max(top_data[i], Dtype(0));
-      }
+      ReluInPlace(top[0]->count(), top[0]->mutable_cpu_data());
     }
     effort_.macs_executed += neurons * inputs;
     return;
@@ -74,13 +71,8 @@ void DyveInnerProductLayer<Dtype>::Forward_cpu(
   RefreshWeightState();
   const Dtype* bottom_data = bottom[0]->cpu_data();
   if (dyve_param_.spet().exact()) {
-    // Exact mode is only exact for non-negative inputs (after a ReLU).
-    const Dtype lowest = *std::min_element(bottom_data,
-        bottom_data + bottom[0]->count());
-    CHECK_GE(lowest, 0) << type() << " layer '" << this->layer_param_.name()
-        << "': dyve_param.spet.exact needs non-negative inputs, but bottom '"
-        << this->layer_param_.bottom(0) << "' has " << lowest
-        << "; use exact mode only on layers whose input is rectified";
+    CheckExactModeInput(bottom_data, bottom[0]->count(), type(),
+        this->layer_param_, 0);
   }
   // Rows are the inputs in the plan's order, so the SPET prefix is leading.
   const std::vector<int>& order = plan_.row_channels();
@@ -112,11 +104,8 @@ void DyveInnerProductLayer<Dtype>::Backward_cpu(
       << "dyve_param knob is on (the forward pass is approximate); train with "
       << "every knob off";
   if (dyve_param_.relu()) {
-    const Dtype* top_data = top[0]->cpu_data();
-    Dtype* top_diff = top[0]->mutable_cpu_diff();
-    for (int i = 0; i < top[0]->count(); ++i) {
-      if (!(top_data[i] > 0)) top_diff[i] = 0;
-    }
+    MaskReluDiff(top[0]->count(), top[0]->cpu_data(),
+        top[0]->mutable_cpu_diff());
   }
   InnerProductLayer<Dtype>::Backward_cpu(top, propagate_down, bottom);
 }

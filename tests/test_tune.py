@@ -574,3 +574,17 @@ def test_interrupted_prototxt_says_so(tiny, tmp_path):
     run(tiny, tmp_path, hook=hook, max_images=60)
     header = (tmp_path / "tuned_deploy.prototxt").read_text().splitlines()[0]
     assert "INTERRUPTED during sweep" in header
+
+
+def test_label_free_search_then_every_calibration_image_certifies(tiny, tmp_path):
+    result = run(tiny, tmp_path, max_images=60, search_images=tiny["calib"],
+                 search_count=100, search_budget=5.0, budget=0.5)
+    assert result["config"]["search_labels"] == "dense predictions"
+    assert result["images"] == {"total": 160, "search": 100, "holdout": 60}
+    # The search ran against the dense net's own predictions: every change is a flip.
+    greedy = [r for r in result["evaluations"] if r["stage"] == "greedy"]
+    assert greedy and all(r["n_wr"] == 0 for r in greedy)
+    # conv3 is free (the classifier ignores it): pushed to its most aggressive levels,
+    # and the holdout (all 60 calibration images) certifies the final setting.
+    assert result["holdout"]["n"] == 60 and result["summary"]["holdout_verified"]
+    assert result["summary"]["reduction_vs_dense"] > 1.0

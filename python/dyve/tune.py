@@ -161,11 +161,16 @@ def net_name(model):
 def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed=1701,
          holdout=0.3, confidence=0.95, batch=100, max_images=None, out_dir=None,
          train_val=None, patience=1, sweep_images=None, cache_mb=2048, bank_gains=False,
-         progress=True, hook=None, write=True):
+         progress=True, hook=None, write=True, search_images=None, search_count=None,
+         search_budget=None):
     """Tune the DyVE knobs of `model` with `weights` on `calib` (see the module docstring).
 
     `hook`, if given, is called with each evaluation record (a dict) right after it is
     made; raising KeyboardInterrupt from it stops the search as Ctrl-C does (for tests).
+    With `search_images` (e.g. training images) the search is label-free on (the first
+    `search_count` of) them, judged against the dense net's own predictions under
+    `search_budget` points of disagreement, and every calibration image certifies
+    (docs/tuner.md, Label-free search).
     Returns the search.json content; writes the outputs into `out_dir` when `write`.
     """
     t_start = time.time()
@@ -191,6 +196,12 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         raise TuneError(f"--patience must be >= 0, got {patience}")
     if cache_mb < 0:
         raise TuneError(f"--cache-mb must be >= 0, got {cache_mb}")
+    if search_count is not None and search_count < 1:
+        raise TuneError(f"--search-count must be >= 1, got {search_count}")
+    if search_budget is not None and not search_budget >= 0:
+        raise TuneError(f"--search-budget must be >= 0 percentage points, got "
+                        f"{search_budget}")
+    search_budget = budget if search_budget is None else search_budget
     caffe_io.need_file(weights, "--weights", "caffemodel")
     calib_kind = caffe_io.image_source(calib, "--calib")
     net_param, converted = caffe_io.dyve_net_param(model)
@@ -209,7 +220,15 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     calib_info = {"kind": calib_kind, "path": calib, "count": int(len(labels))}
     # No bigger than the images (as bench does) nor than a blob Caffe can count.
     batch = min(batch, len(images), caffe_io.max_batch(in_shape))
-    search_idx, hold_idx = split_indices(len(images), holdout, seed)
+    if search_images:
+        x_free, _ = caffe_io.load_images(search_images, in_shape, mean, search_count, seed,
+                                         "--search-images")
+        n_free = len(x_free)
+        images = np.concatenate([x_free, images])
+        labels = np.concatenate([np.full(n_free, -1, np.int64), labels])  # set after baseline
+        search_idx, hold_idx = np.arange(n_free), np.arange(n_free, len(images))
+    else:
+        search_idx, hold_idx = split_indices(len(images), holdout, seed)
     ev = Evaluator(net, images, batch, search_idx, hold_idx, cache_mb, progress)
     if not ev.dyve:
         raise TuneError(f"--model: {model} has no DyVE layer")
@@ -233,7 +252,10 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         "tool": "dyve.tune", "model": model, "weights": weights, "calib": calib_info,
         "mean": mean, "converted_from_stock": converted, "net": net_param.name,
         "dyve_layers": ev.dyve, "knobs": list(knobs),
-        "config": {"budget": budget, "seed": seed, "holdout": holdout,
+        "config": {"budget": budget, "search_budget": search_budget,
+                   "search_images": search_images, "search_count": search_count,
+                   "search_labels": "dense predictions" if search_images else "labels",
+                   "seed": seed, "holdout": None if search_images else holdout,
                    "confidence": confidence, "z": z_value(confidence), "batch": batch,
                    "max_images": max_images, "patience": patience,
                    "sweep_images": sweep_images, "cache_mb": cache_mb,
@@ -284,11 +306,15 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
             k_stats[name] = max(4, min(STATS_IMAGES, STATS_BYTES // per_image))
         base = ev.evaluate(off, "all", sample=k_stats, desc="baseline")
         p0_all = base["preds"]
+        if search_images:  # label-free: the dense net's predictions are the labels
+            labels[search_idx] = p0_all[search_idx]
+            y_s = labels[search_idx]
         p0_s, p0_h = p0_all[search_idx], p0_all[hold_idx]
         dense = sum(base["effort"][n]["macs_dense"] for n in ev.dyve) / base["n"]
         record("baseline", off, base, p0_all, labels, subset="all", accepted=True, t0=t0)
         result["baseline"] = {
-            "accuracy": 100.0 * float(np.mean(p0_all == labels)),
+            "accuracy": 100.0 * float(np.mean((p0_h == y_h) if search_images
+                                              else (p0_all == labels))),
             "accuracy_search": 100.0 * float(np.mean(p0_s == y_s)),
             "accuracy_holdout": (100.0 * float(np.mean(p0_h == y_h)) if len(hold_idx)
                                  else None),
@@ -403,10 +429,10 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                         lcb = st["loss"] - z_value(confidence) * st["se"]
                         points.append((res["ops"], st["gate"], st["gate"]))
                         item["record"] = rec["id"]
-                        if lcb > budget:
+                        if lcb > search_budget:
                             hopeless.add(group)  # the next levels only skip more
                         bar.update(1)
-                    ladder = pareto_ladder(points, floor_sweep["ops"], budget)
+                    ladder = pareto_ladder(points, floor_sweep["ops"], search_budget)
                     for i in ladder:
                         evals[items[i]["record"]]["accepted"] = True
                     ladders[(name, knob)] = [items[i]["set"] for i in ladder]
@@ -448,7 +474,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                 st = paired(p0_s, res["preds"], y_s)
                 saved = cur_res["ops"] - res["ops"]
                 added = (st["gate"] - cur_stats["gate"]) / 100.0
-                fits = _fits(st, budget, "gate") and saved > 0
+                fits = _fits(st, search_budget, "gate") and saved > 0
                 eff = saved / max(added, 1.0 / n_s)
                 reason = None if fits else ("no ops saved" if saved <= 0 else
                                             "gate over budget")
@@ -684,8 +710,25 @@ def main(argv=None):
                         help="DyVE deploy prototxt (a stock deploy prototxt is converted "
                              "with every knob off)")
     parser.add_argument("--weights", required=True, help="caffemodel (or Caffe HDF5 snapshot)")
-    parser.add_argument("--calib", required=True,
-                        help="calibration LMDB, or a folder of <class>/*.jpg|png")
+    parser.add_argument("--protocol", choices=("certified", "paper"), default="certified",
+                        help="certified (default): search on calibration images, confirm "
+                             "on a holdout with a confidence bound; paper: the paper's "
+                             "Algorithm 1 on 5 %% of the test set, reported on the rest "
+                             "(docs/tuner.md)")
+    parser.add_argument("--calib",
+                        help="calibration LMDB, or a folder of <class>/*.jpg|png or of "
+                             "wnid-prefixed files (certified protocol)")
+    parser.add_argument("--test-images",
+                        help="paper protocol: the labelled test set (5 %% tunes, 95 %% "
+                             "reports)")
+    parser.add_argument("--train-images",
+                        help="paper protocol: training images the threshold ranges are "
+                             "read from")
+    parser.add_argument("--tune-fraction", type=float, default=0.05,
+                        help="paper protocol: fraction of the test set that tunes "
+                             "(default %(default)s)")
+    parser.add_argument("--search-steps", type=int, default=8,
+                        help="paper protocol: halvings per threshold (default %(default)s)")
     parser.add_argument("--mean", help="mean.binaryproto, or per-channel values 'b,g,r'")
     parser.add_argument("--budget", type=float, default=0.5,
                         help="accuracy budget, percentage points of top-1 (default %(default)s)")
@@ -701,6 +744,16 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=100, help="default %(default)s")
     parser.add_argument("--max-images", type=int,
                         help="use at most this many calibration images")
+    parser.add_argument("--search-images",
+                        help="label-free search on these images (e.g. the training LMDB), "
+                             "judged against the dense net's predictions; every --calib "
+                             "image then certifies (docs/tuner.md)")
+    parser.add_argument("--search-count", type=int,
+                        help="with --search-images: use the first N of them (default: all)")
+    parser.add_argument("--search-budget", type=float,
+                        help="the search's budget in points of its statistic (default: "
+                             "--budget); with --search-images it bounds disagreement with "
+                             "the dense net, and the certification picks the point")
     parser.add_argument("--sweep-images", type=int,
                         help="sensitivity sweep on the first N search images only "
                              "(default: all search images)")
@@ -723,18 +776,38 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, terminate)
     if args.budget < 0:
         parser.error(f"--budget must be >= 0 percentage points, got {args.budget:g}")
+    if args.protocol == "paper":
+        from dyve import paper_protocol
+        for flag in ("test_images", "train_images"):
+            if not getattr(args, flag):
+                parser.error(f"--protocol paper needs --{flag.replace('_', '-')}")
+        run = lambda: paper_protocol.tune_paper(  # noqa: E731
+            args.model, args.weights, args.test_images, args.train_images, mean=args.mean,
+            budget=args.budget, seed=args.seed, tune_fraction=args.tune_fraction,
+            steps=args.search_steps, batch=args.batch, max_images=args.max_images,
+            out_dir=args.out_dir or paper_protocol.default_out_dir(args.model),
+            progress=not args.quiet)
+        render = paper_protocol.markdown
+    else:
+        if not args.calib:
+            parser.error("--calib is required (the certified protocol tunes on calibration "
+                         "images)")
+        run = lambda: tune(  # noqa: E731
+            args.model, args.weights, args.calib, mean=args.mean, budget=args.budget,
+            knobs=args.knobs, seed=args.seed, holdout=args.holdout,
+            confidence=args.confidence, batch=args.batch, max_images=args.max_images,
+            out_dir=args.out_dir, train_val=args.train_val, patience=args.patience,
+            sweep_images=args.sweep_images, cache_mb=args.cache_mb,
+            bank_gains=args.bank_gains, progress=not args.quiet,
+            search_images=args.search_images, search_count=args.search_count,
+            search_budget=args.search_budget)
+        render = markdown_summary
     try:
-        result = tune(args.model, args.weights, args.calib, mean=args.mean,
-                      budget=args.budget, knobs=args.knobs, seed=args.seed,
-                      holdout=args.holdout, confidence=args.confidence, batch=args.batch,
-                      max_images=args.max_images, out_dir=args.out_dir,
-                      train_val=args.train_val, patience=args.patience,
-                      sweep_images=args.sweep_images, cache_mb=args.cache_mb,
-                      bank_gains=args.bank_gains, progress=not args.quiet)
+        result = run()
     except DyveError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(markdown_summary(result))
+    print(render(result))
     print(f"wrote {', '.join(result['files'].values())}", file=sys.stderr)
     return 130 if result["interrupted"] else 0
 

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from dyve import caffe_io, tuned
+from dyve import caffe_io, report, tuned
 from dyve import effort as dyve_effort
 from dyve import settings as dyve_settings
 from dyve.errors import DyveError
@@ -271,36 +271,8 @@ def tune_paper(model, weights, test_images, train_images, mean=None, budget=0.5,
         header = (f"# Tuned by python3 -m dyve.tune --protocol paper (budget {budget} pp "
                   f"on {len(tune_idx)} test images, seed {seed}); see search.json\n")
         nets = {"deploy": tuned.apply_to_param(net_param, final, "--model")}
-        tuned.write_outputs(out_dir, result, nets, header, markdown(result))
+        tuned.write_outputs(out_dir, result, nets, header, report.paper_tuning_markdown(result))
     return result
-
-
-def markdown(result):
-    """search.md of a paper-protocol run."""
-    s, b, cfg = result["summary"], result["baseline"], result["config"]
-    r = s["report"]
-    lines = [f"# DyVE tuning, the paper's protocol: {result.get('net') or result['model']}",
-             "",
-             f"- model `{result['model']}`, weights `{result['weights']}`",
-             f"- tuned on {result['images']['tune']} test images ({100 * cfg['tune_fraction']:g} "
-             f"%, seed {cfg['seed']}), reported on the other {result['images']['report']}",
-             f"- budget: top-1 loss < {cfg['budget']} pp on the tuning images (no confidence "
-             "bound, as in the paper)",
-             f"- threshold ranges from {cfg['train_sample']} images of `{result['train_images']}`",
-             f"- {result['n_evaluations']} evaluations in {result['elapsed_s']:.0f} s",
-             f"- dense top-1 {b['accuracy_report']:.2f} % on the report images", "",
-             "| layer | SFMA variance, kernel sum | SDSS max, range | SPET threshold |",
-             "|---|---|---|---|"]
-    fmt = lambda v: "off" if v is None else (", ".join(f"{x:g}" for x in v)
-                                             if isinstance(v, (list, tuple)) else f"{v:g}")
-    for name, t in result["thresholds"].items():
-        lines.append(f"| {name} | {fmt(t['sfma'])} | {fmt(t['sdss'])} | {fmt(t['spet'])} |")
-    lines += ["", f"Report images: loss {r['loss']:+.2f} pp (95 % CI [{r['ci_low']:+.2f}, "
-                  f"{r['ci_high']:+.2f}]), {r['n_rw']} right->wrong, {r['n_wr']} "
-                  f"wrong->right; ops reduction {s['reduction_vs_dense']:.2f}x in the DyVE "
-                  f"layers ({s['reduction_vs_dense_whole_net']:.2f}x whole net). Tuning "
-                  f"images: loss {s['tune']['loss']:+.2f} pp.", ""]
-    return "\n".join(lines)
 
 
 def default_out_dir(model):

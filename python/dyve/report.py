@@ -1,7 +1,8 @@
 """What dyve.bench shows of a summary.json (its layout: docs/bench.md): summary.md
 (:func:`render_markdown`), effort.png (:func:`plot_effort`), a tuner's tuning.png
 (:func:`plot_tuning`), and the paper-style table of several summaries
-(:func:`merge_table`, read back by :func:`parse_table`)."""
+(:func:`merge_table`, read back by :func:`parse_table`); and a tuning run's search.md
+(:func:`tuning_markdown`, :func:`paper_tuning_markdown`)."""
 import json
 import os
 import sys
@@ -428,3 +429,109 @@ def parse_table(text):
                 row[k] = float(v)
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- tuning
+
+def _fmt_knobs(c):
+    parts = []
+    spet = c.get("spet", {})
+    if spet.get("enabled"):
+        gate = f" bound×{spet['bound_scale']:g}" if spet.get("gate") == "BOUND" else ""
+        parts.append(f"SPET f={spet['fraction']:g} T={spet['threshold']:g}{gate}")
+    if spet.get("exact"):
+        parts.append("exact")
+    if "sdss" in c:
+        parts.append(f"SDSS s={c['sdss']['stride']} T={c['sdss']['threshold']:g}")
+    if "sfma" in c:
+        parts.append(f"SFMA T={c['sfma']['threshold']:g}")
+    return ", ".join(parts) or "off"
+
+
+def tuning_markdown(result):
+    """search.md of a dyve.tune run (certified protocol): the final settings and the key
+    numbers."""
+    s = result.get("summary", {})
+    b = result.get("baseline", {})
+    lines = [f"# DyVE tuning: {result.get('net') or result['model']}", ""]
+    if result.get("interrupted"):
+        lines += [f"**Interrupted** during {result['interrupted_in']}: the settings below "
+                  "are the best accepted so far" + ("" if s.get("holdout_verified")
+                                                   else " (not verified on the holdout)")
+                  + ".", ""]
+    cfg = result["config"]
+    lines += [f"- model `{result['model']}`, weights `{result['weights']}`",
+              f"- calibration `{result['calib']['path']}`: {result['images']['search']} search + "
+              f"{result['images']['holdout']} holdout images (seed {cfg['seed']})",
+              f"- budget {cfg['budget']} pp top-1 at {100 * cfg['confidence']:g} % "
+              f"confidence (one-sided UCB, z = {cfg['z']:.3f}); knobs {', '.join(result['knobs'])}",
+              f"- {result['n_evaluations']} evaluations in {result['elapsed_s']:.0f} s"]
+    if b:
+        lines.append(f"- baseline top-1 {b['accuracy']:.2f} % on the calibration images")
+    lines.append("")
+    lines += ["| layer | tuned settings | ops/image: dense | exact floor | tuned |",
+              "|---|---|---|---|---|"]
+    per = [b.get("ops_per_layer", {}), result.get("floor", {}).get("ops_per_layer", {}),
+           s.get("final_ops_per_layer", {})]
+    for name, c in result["final_settings"].items():
+        cells = [f"{p[name] / 1e6:.3f} M" if name in p else "" for p in per]
+        lines.append(f"| {name} | {_fmt_knobs(c)} | {' | '.join(cells)} |")
+    lines.append("")
+    if s.get("final_ops"):
+        lines += ["| ops per image (DyVE layers) | value |", "|---|---|",
+                  f"| dense | {s['dense_ops'] / 1e6:.3f} M |",
+                  f"| exact floor | {s['floor_ops'] / 1e6:.3f} M |",
+                  f"| tuned (search images) | {s['final_ops'] / 1e6:.3f} M |",
+                  f"| reduction vs dense | {s['reduction_vs_dense']:.2f}x "
+                  f"(whole net {s['reduction_vs_dense_whole_net']:.2f}x) |", ""]
+    h = s.get("holdout")
+    if h:
+        conf = 100 * cfg["confidence"]
+        verdict = "passed" if s.get("holdout_verified") else "over budget"
+        lines += [f"Holdout ({result['images']['holdout']} images): loss {h['loss']:+.2f} pp "
+                  f"({conf:g} % CI [{h['ci_low']:+.2f}, {h['ci_high']:+.2f}], UCB "
+                  f"{h['ucb']:.2f}), {h['n_rw']} right->wrong, {h['n_wr']} wrong->right; "
+                  f"{verdict}; {result['holdout']['undone_steps']} greedy step(s) undone.", ""]
+    steps = result.get("greedy", {}).get("steps", [])
+    if steps:
+        lines += ["Greedy steps on the search images (loss and bounds cumulative, vs the "
+                  "dense net; gate = max(loss, 0) + z*SE projected to the holdout's size is "
+                  "what the search accepts on):", "",
+                  "| step | layer | knob | setting | ops/image | right->wrong / wrong->right "
+                  "| loss (pp) | UCB (pp) | gate (pp) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for i, st in enumerate(steps, 1):
+            setting = _fmt_knobs({st["knob"]: st["set"]})
+            lines.append(f"| {i} | {st['layer']} | {st['knob']} | {setting} | "
+                         f"{st['ops'] / 1e6:.3f} M | {st['n_rw']} / {st['n_wr']} | "
+                         f"{st['loss']:+.2f} | {st['ucb']:.2f} | {st['gate']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def paper_tuning_markdown(result):
+    """search.md of a `dyve.tune --protocol paper` run."""
+    s, b, cfg = result["summary"], result["baseline"], result["config"]
+    r = s["report"]
+    lines = [f"# DyVE tuning, the paper's protocol: {result.get('net') or result['model']}",
+             "",
+             f"- model `{result['model']}`, weights `{result['weights']}`",
+             f"- tuned on {result['images']['tune']} test images ({100 * cfg['tune_fraction']:g} "
+             f"%, seed {cfg['seed']}), reported on the other {result['images']['report']}",
+             f"- budget: top-1 loss < {cfg['budget']} pp on the tuning images (no confidence "
+             "bound, as in the paper)",
+             f"- threshold ranges from {cfg['train_sample']} images of `{result['train_images']}`",
+             f"- {result['n_evaluations']} evaluations in {result['elapsed_s']:.0f} s",
+             f"- dense top-1 {b['accuracy_report']:.2f} % on the report images", "",
+             "| layer | SFMA variance, kernel sum | SDSS max, range | SPET threshold |",
+             "|---|---|---|---|"]
+    fmt = lambda v: "off" if v is None else (", ".join(f"{x:g}" for x in v)
+                                             if isinstance(v, (list, tuple)) else f"{v:g}")
+    for name, t in result["thresholds"].items():
+        lines.append(f"| {name} | {fmt(t['sfma'])} | {fmt(t['sdss'])} | {fmt(t['spet'])} |")
+    lines += ["", f"Report images: loss {r['loss']:+.2f} pp (95 % CI [{r['ci_low']:+.2f}, "
+                  f"{r['ci_high']:+.2f}]), {r['n_rw']} right->wrong, {r['n_wr']} "
+                  f"wrong->right; ops reduction {s['reduction_vs_dense']:.2f}x in the DyVE "
+                  f"layers ({s['reduction_vs_dense_whole_net']:.2f}x whole net). Tuning "
+                  f"images: loss {s['tune']['loss']:+.2f} pp.", ""]
+    return "\n".join(lines)

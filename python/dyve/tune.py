@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from caffe.proto import caffe_pb2
 
-from dyve import caffe_io, live, stats
+from dyve import caffe_io, live, report, stats
 from dyve import effort as dyve_effort
 from dyve import files as dyve_files
 from dyve import tuned
@@ -610,83 +610,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         nets_out = {"deploy": tuned.apply_to_param(net_param, final, "--model")}
         if tv_param is not None:
             nets_out["train_val"] = tuned.apply_to_param(tv_param, final, "--train-val")
-        tuned.write_outputs(out_dir, result, nets_out, header, markdown_summary(result))
+        tuned.write_outputs(out_dir, result, nets_out, header, report.tuning_markdown(result))
     return result
-
-
-def _fmt_knobs(c):
-    parts = []
-    spet = c.get("spet", {})
-    if spet.get("enabled"):
-        gate = f" bound×{spet['bound_scale']:g}" if spet.get("gate") == "BOUND" else ""
-        parts.append(f"SPET f={spet['fraction']:g} T={spet['threshold']:g}{gate}")
-    if spet.get("exact"):
-        parts.append("exact")
-    if "sdss" in c:
-        parts.append(f"SDSS s={c['sdss']['stride']} T={c['sdss']['threshold']:g}")
-    if "sfma" in c:
-        parts.append(f"SFMA T={c['sfma']['threshold']:g}")
-    return ", ".join(parts) or "off"
-
-
-def markdown_summary(result):
-    """search.md: the final settings and the key numbers."""
-    s = result.get("summary", {})
-    b = result.get("baseline", {})
-    lines = [f"# DyVE tuning: {result.get('net') or result['model']}", ""]
-    if result.get("interrupted"):
-        lines += [f"**Interrupted** during {result['interrupted_in']}: the settings below "
-                  "are the best accepted so far" + ("" if s.get("holdout_verified")
-                                                   else " (not verified on the holdout)")
-                  + ".", ""]
-    cfg = result["config"]
-    lines += [f"- model `{result['model']}`, weights `{result['weights']}`",
-              f"- calibration `{result['calib']['path']}`: {result['images']['search']} search + "
-              f"{result['images']['holdout']} holdout images (seed {cfg['seed']})",
-              f"- budget {cfg['budget']} pp top-1 at {100 * cfg['confidence']:g} % "
-              f"confidence (one-sided UCB, z = {cfg['z']:.3f}); knobs {', '.join(result['knobs'])}",
-              f"- {result['n_evaluations']} evaluations in {result['elapsed_s']:.0f} s"]
-    if b:
-        lines.append(f"- baseline top-1 {b['accuracy']:.2f} % on the calibration images")
-    lines.append("")
-    lines += ["| layer | tuned settings | ops/image: dense | exact floor | tuned |",
-              "|---|---|---|---|---|"]
-    per = [b.get("ops_per_layer", {}), result.get("floor", {}).get("ops_per_layer", {}),
-           s.get("final_ops_per_layer", {})]
-    for name, c in result["final_settings"].items():
-        cells = [f"{p[name] / 1e6:.3f} M" if name in p else "" for p in per]
-        lines.append(f"| {name} | {_fmt_knobs(c)} | {' | '.join(cells)} |")
-    lines.append("")
-    if s.get("final_ops"):
-        lines += ["| ops per image (DyVE layers) | value |", "|---|---|",
-                  f"| dense | {s['dense_ops'] / 1e6:.3f} M |",
-                  f"| exact floor | {s['floor_ops'] / 1e6:.3f} M |",
-                  f"| tuned (search images) | {s['final_ops'] / 1e6:.3f} M |",
-                  f"| reduction vs dense | {s['reduction_vs_dense']:.2f}x "
-                  f"(whole net {s['reduction_vs_dense_whole_net']:.2f}x) |", ""]
-    h = s.get("holdout")
-    if h:
-        conf = 100 * cfg["confidence"]
-        verdict = "passed" if s.get("holdout_verified") else "over budget"
-        lines += [f"Holdout ({result['images']['holdout']} images): loss {h['loss']:+.2f} pp "
-                  f"({conf:g} % CI [{h['ci_low']:+.2f}, {h['ci_high']:+.2f}], UCB "
-                  f"{h['ucb']:.2f}), {h['n_rw']} right->wrong, {h['n_wr']} wrong->right; "
-                  f"{verdict}; {result['holdout']['undone_steps']} greedy step(s) undone.", ""]
-    steps = result.get("greedy", {}).get("steps", [])
-    if steps:
-        lines += ["Greedy steps on the search images (loss and bounds cumulative, vs the "
-                  "dense net; gate = max(loss, 0) + z*SE projected to the holdout's size is "
-                  "what the search accepts on):", "",
-                  "| step | layer | knob | setting | ops/image | right->wrong / wrong->right "
-                  "| loss (pp) | UCB (pp) | gate (pp) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for i, st in enumerate(steps, 1):
-            setting = _fmt_knobs({st["knob"]: st["set"]})
-            lines.append(f"| {i} | {st['layer']} | {st['knob']} | {setting} | "
-                         f"{st['ops'] / 1e6:.3f} M | {st['n_rw']} / {st['n_wr']} | "
-                         f"{st['loss']:+.2f} | {st['ucb']:.2f} | {st['gate']:.2f} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 # ============================================================================ CLI
@@ -787,7 +712,7 @@ def main(argv=None):
             steps=args.search_steps, batch=args.batch, max_images=args.max_images,
             out_dir=args.out_dir or paper_protocol.default_out_dir(args.model),
             progress=not args.quiet)
-        render = paper_protocol.markdown
+        render = report.paper_tuning_markdown
     else:
         if not args.calib:
             parser.error("--calib is required (the certified protocol tunes on calibration "
@@ -801,7 +726,7 @@ def main(argv=None):
             bank_gains=args.bank_gains, progress=not args.quiet,
             search_images=args.search_images, search_count=args.search_count,
             search_budget=args.search_budget)
-        render = markdown_summary
+        render = report.tuning_markdown
     try:
         result = run()
     except DyveError as error:

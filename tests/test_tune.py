@@ -588,3 +588,32 @@ def test_label_free_search_then_every_calibration_image_certifies(tiny, tmp_path
     # and the holdout (all 60 calibration images) certifies the final setting.
     assert result["holdout"]["n"] == 60 and result["summary"]["holdout_verified"]
     assert result["summary"]["reduction_vs_dense"] > 1.0
+
+
+def test_frontier_and_pick(tiny, tuned, tmp_path):
+    from dyve import frontier
+    result, out = tuned
+    code = frontier.main(["--model", tiny["model"], "--weights", tiny["weights"],
+                          "--images", tiny["calib"], "--mean", MEAN, "--search",
+                          f"certified={out / 'search.json'}", "--out-dir",
+                          str(tmp_path), "--quiet"])
+    assert code == 0 and (tmp_path / "frontier.png").is_file()
+    doc = json.loads((tmp_path / "frontier.json").read_text())
+    run = doc["runs"]["certified"]
+    # the chosen setting, measured again on the same images, reproduces the tuner's ops
+    assert run["chosen"]["settings"] == result["final_settings"]
+    assert run["points"], "no front point"
+    losses = [p["search_loss"] for p in run["points"]]
+    ops = [p["search_ops"] for p in run["points"]]
+    assert ops == sorted(ops, reverse=True) and losses == sorted(losses)  # a Pareto front
+    point = run["points"][-1]
+    picked = tmp_path / "picked.prototxt"
+    assert tune.main(["--model", tiny["model"], "--weights", tiny["weights"], "--pick",
+                      point["id"], "--frontier", str(tmp_path / "frontier.json"),
+                      "--out", str(picked)]) == 0
+    net = caffe.Net(str(picked), tiny["weights"], caffe.TEST)
+    for name in live.dyve_layers(net):
+        assert compact(live.get_settings(net, name)) == point["settings"].get(name, {})
+    assert tune.main(["--model", tiny["model"], "--weights", tiny["weights"], "--pick",
+                      "certified:99", "--frontier", str(tmp_path / "frontier.json"),
+                      "--out", str(picked)]) == 2

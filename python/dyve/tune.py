@@ -614,6 +614,30 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     return result
 
 
+def pick(model, frontier_path, point_id, out):
+    """Write `model` (a DyVE or stock deploy prototxt) with the settings of one frontier
+    point as the prototxt `out`."""
+    from dyve import frontier
+    point = frontier.find_point(frontier_path, point_id)
+    net_param, _ = caffe_io.dyve_net_param(model)
+    dyve = [layer.name for layer in net_param.layer
+            if layer.type in dyve_settings.DYVE_TYPES]
+    unknown = sorted(set(point["settings"]) - set(dyve))
+    if unknown:
+        raise TuneError(f"--pick: point '{point_id}' sets layer(s) {', '.join(unknown)}, "
+                        f"which {model} has no DyVE layer for")
+    relu = {layer.name: layer.dyve_param.relu or layer.name in point["settings"]
+            for layer in net_param.layer if layer.name in dyve}
+    final = frontier.full_settings(point["settings"], dyve,
+                                   {n: dyve_settings.knobs_off(relu[n]) for n in dyve})
+    param = tuned.apply_to_param(net_param, final, "--model")
+    header = (f"# Point {point_id} of {frontier_path}: ops reduction "
+              f"{point['ops_reduction']:.3f}x, top-1 loss {point['loss']:+.2f} pp on the "
+              "report images (python3 -m dyve.tune --pick)\n")
+    from google.protobuf import text_format
+    dyve_files.write_atomic(out, header + text_format.MessageToString(param))
+
+
 # ============================================================================ CLI
 
 def _knob_list(text):
@@ -693,6 +717,12 @@ def main(argv=None):
                         help="let the search accept on the plain UCB (loss + z*SE), banking "
                              "measured accuracy gains; default: loss clamped at 0")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--pick", metavar="POINT",
+                        help="instead of tuning: write the prototxt of a point of a "
+                             "frontier.json (python3 -m dyve.frontier), e.g. paper:3 or "
+                             "certified:chosen; needs --frontier and --out")
+    parser.add_argument("--frontier", help="with --pick: the frontier.json")
+    parser.add_argument("--out", help="with --pick: the prototxt to write")
     args = parser.parse_args(argv)
 
     def terminate(signum, frame):  # a kill (SIGTERM) stops cleanly, as Ctrl-C does
@@ -701,6 +731,16 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, terminate)
     if args.budget < 0:
         parser.error(f"--budget must be >= 0 percentage points, got {args.budget:g}")
+    if args.pick:
+        if not args.frontier or not args.out:
+            parser.error("--pick needs --frontier and --out")
+        try:
+            pick(args.model, args.frontier, args.pick, args.out)
+        except DyveError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}", file=sys.stderr)
+        return 0
     if args.protocol == "paper":
         from dyve import paper_protocol
         for flag in ("test_images", "train_images"):

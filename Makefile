@@ -96,6 +96,19 @@ train-cifar10: data-cifar10
 prototxt: build
 	$(PYTHON) -m dyve.gen_prototxt --out-dir prototxt
 
+# dlib's ImageNet ResNet-34 (docs/resnet34.md): fetched through apt from Debian's dlib
+# source package (SHA-256-checked on every use), converted to Caffe in build/resnet34/,
+# checked against dlib itself on the shared photos (reports/resnet34/conversion_check.json),
+# then tuned on half of them and measured on the other half (reports/resnet34/).
+# RESNET34_DYVE=0 stops after the check (about 5 min; the DyVE part about 40 more).
+.PHONY: resnet34
+RESNET34_DYVE ?= 1
+RESNET34_IMAGES := $(SHARED_DATA)/imagenet-sample-dev
+resnet34: build
+	$(PYTHON) -m dyve.resnet34 convert
+	$(PYTHON) -m dyve.resnet34 check --images $(RESNET34_IMAGES)
+	$(if $(filter 0,$(RESNET34_DYVE)),,$(PYTHON) -m dyve.resnet34 dyve --images $(RESNET34_IMAGES))
+
 # The main job: tune and measure (python/dyve/reproduce.py); reports/ and the table.
 reproduce: build data-cifar10
 	$(PYTHON) -m dyve.reproduce

@@ -120,6 +120,10 @@ def main(argv=None):
     parser.add_argument("--calib-images", type=int, help="at most this many calibration images")
     parser.add_argument("--test-images", type=int, help="at most this many test images (default all)")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="OpenBLAS thread counts timed")
+    parser.add_argument("--skip-resnet34", action="store_true",
+                        default=os.environ.get("SKIP_RESNET34", "") not in ("", "0"),
+                        help="leave out dlib's ResNet-34 row (env SKIP_RESNET34=1): about "
+                             "40 min on 2 cores (docs/resnet34.md)")
     options = parser.parse_args(argv)
 
     started = time.time()
@@ -134,6 +138,10 @@ def main(argv=None):
             parser.error(f"unknown ImageNet net '{net}' (choose from {', '.join(IMAGENET_NETS)})")
         imagenet(net, options)
     summaries = [os.path.join(options.out, n, "summary.json") for n in nets + imagenet_nets]
+    if not options.skip_resnet34:
+        from dyve import resnet34
+        summary = resnet34.reproduce_row(options.out, options.imagenet_sample, options.threads)
+        summaries += [summary] if summary else []
     run_bench(["--table", *summaries, "--table-md", os.path.join(options.out, "summary.md")])
     print(f"reproduce: done in {(time.time() - started) / 60:.1f} min; reports in {options.out}")
     return 0

@@ -400,6 +400,67 @@ def split_halves(images_dir=None, work_dir=WORK_DIR):
     return out
 
 
+# The tuning run of docs/resnet34.md: ResNet-34 costs about 0.1 s per image per pass here,
+# so the tuner sees 150 of the 250 tuning photos (105 search + 45 holdout), sweeps each
+# level on 20 of them, and uses SPET and SDSS (SFMA's sweep would add 85 evaluations).
+TUNE_OPTIONS = dict(budget=0.5, knobs=("spet", "sdss"), max_images=150, sweep_images=20,
+                    batch=15, cache_mb=6000, seed=1701)
+BENCH_OPTIONS = ["--batch", "10", "--time-images", "10", "--repeats", "5"]
+
+
+def dyve(images_dir=None, out_dir=REPORT_DIR, threads="1,2", tune_options=None,
+         work_dir=WORK_DIR, time_limit=None):
+    """Tune the DyVE form on one half of the photos and measure it against the stock
+    converted net on the other with dyve.bench; returns the bench summary.json path.
+    `time_limit` (seconds): stop the tuner then, keeping the best setting so far."""
+    import signal
+    from dyve import tune
+    info_path = os.path.join(work_dir, "conversion.json")
+    if not os.path.isfile(info_path):
+        convert(work_dir)
+    with open(info_path) as f:
+        info = json.load(f)
+    fetch_dlib_models.model_path(fetch=False, model_dir=work_dir)  # re-verified
+    halves = split_halves(images_dir, work_dir)
+    tune_dir = os.path.join(out_dir, "tune")
+    options = dict(TUNE_OPTIONS, **(tune_options or {}))
+    started = time.time()
+    if time_limit:
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, stop)
+        signal.alarm(int(time_limit))
+    try:
+        tune.tune(info["dyve_deploy"], info["caffemodel"], halves["tune"], mean=MEAN_ARG,
+                  out_dir=tune_dir, progress=False, **options)
+    finally:
+        if time_limit:
+            signal.alarm(0)
+    print(f"resnet34: tuned in {(time.time() - started) / 60:.1f} min", flush=True)
+    command = [sys.executable, "-m", "dyve.bench", "--net", NAME,
+               "--weights", info["caffemodel"], "--stock", info["deploy"],
+               "--dyve", os.path.join(tune_dir, "tuned_deploy.prototxt"),
+               "--images", halves["eval"], "--mean-value", MEAN_ARG,
+               "--threads", threads, "--out-dir", out_dir, *BENCH_OPTIONS]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO_ROOT)
+    return os.path.join(out_dir, "summary.json")
+
+
+def reproduce_row(reports_dir, images_dir, threads):
+    """dyve.reproduce's ResNet-34 row: the summary.json path, or None (with the reason
+    printed) when dlib's model cannot be downloaded."""
+    try:
+        convert(quiet=True)
+    except fetch_dlib_models.FetchError as error:
+        if error.status != fetch_dlib_models.EXIT_UNAVAILABLE:
+            raise
+        print(f"reproduce: resnet34 skipped: dlib's model cannot be downloaded ({error})",
+              flush=True)
+        return None
+    return dyve(images_dir, os.path.join(reports_dir, NAME), threads)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m dyve.resnet34",
                                      description=__doc__.split("\n\n")[0])
@@ -413,6 +474,12 @@ def main(argv=None):
                    help="where to write the figures (default %(default)s)")
     s = sub.add_parser("split", help="tune/eval halves of the photos (symlinks)")
     s.add_argument("--images", help="wnid-named photos (default: the shared sample)")
+    d = sub.add_parser("dyve", help="tune on the tune half, dyve.bench on the eval half")
+    d.add_argument("--images", help="wnid-named photos (default: the shared sample)")
+    d.add_argument("--threads", default="1,2", help="OpenBLAS threads timed (default 1,2)")
+    d.add_argument("--out-dir", default=REPORT_DIR, help="default %(default)s")
+    d.add_argument("--time-limit", type=float,
+                   help="stop the tuner after this many seconds (best setting so far)")
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
@@ -423,6 +490,8 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
             print(format_check(result))
+        elif args.command == "dyve":
+            dyve(args.images, args.out_dir, args.threads, time_limit=args.time_limit)
         elif args.command == "split":
             for half, folder in split_halves(args.images).items():
                 print(f"{half}: {folder}")

@@ -138,7 +138,10 @@ def test_table_merge_parses_back(summary, summary_no_weights, tmp, capsys):
     assert a["ops_reduction"] == 1.0 and a["N"] == 4 and a["images"] == 20
     assert a["speedup_b1"] == pytest.approx(summary["speedup"]["1"]["1"], abs=5e-4)
     assert a["speedup_bN"] == pytest.approx(summary["speedup"]["4"]["1"], abs=5e-4)
-    assert "| benchmark | baseline top-1 | DyVE top-1 | ops reduction |" in md
+    assert (a["delta_ci_low"], a["delta_ci_high"]) == (0, 0)  # no flips on 20 images
+    assert a["protocol"] is None and b["delta_ci_low"] is None
+    assert ("| benchmark | tuning protocol | baseline top-1 | DyVE top-1 | change (95 % CI) "
+            "| ops reduction |") in md
     assert bench.NO_WEIGHTS_LABEL in md
     # the CLI prints the same plain table and writes the markdown
     md_path = tmp / "table.md"

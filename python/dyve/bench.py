@@ -206,6 +206,8 @@ def build_parser():
                    "103.939,116.779,123.68")
     p.add_argument("--max-images", type=int, help="use the first N images of an LMDB, or a "
                    "seeded random N of a folder (default: all)")
+    p.add_argument("--protocol", help="the tuning protocol that made --dyve (a label for "
+                   "the table, e.g. certified or paper)")
     p.add_argument("--exclude-tuning", metavar="SEARCH_JSON", help="leave out the test "
                    "images a `dyve.tune --protocol paper` run tuned on (its search.json)")
     p.add_argument("--batch", type=int, default=100, help="batch N (default %(default)s); "
@@ -337,6 +339,7 @@ def run(args, argv):
         "stock": _display_path(args.stock),
         "dyve": _display_path(args.dyve),
         "images_source": _display_path(args.images),
+        "protocol": args.protocol,
         "excluded_tuning_images": excluded,
         "exclude_tuning": args.exclude_tuning and _display_path(args.exclude_tuning),
         "mean": args.mean and _display_path(args.mean),

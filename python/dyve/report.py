@@ -349,8 +349,9 @@ def plot_tuning(search_json_path, out_png):
 
 # ----------------------------------------------------------------------------- tables
 
-TABLE_COLUMNS = ("net", "weights", "images", "baseline_top1", "dyve_top1", "delta_top1",
-                 "ops_reduction", "speedup_b1", "speedup_bN", "N", "threads")
+TABLE_COLUMNS = ("net", "protocol", "weights", "images", "baseline_top1", "dyve_top1",
+                 "delta_top1", "delta_ci_low", "delta_ci_high", "ops_reduction", "speedup_b1",
+                 "speedup_bN", "N", "threads")
 
 
 def load_summary(path):
@@ -364,25 +365,33 @@ def load_summary(path):
 def merge_table(paths):
     """(markdown, plain text) paper-style table of several summary.json files."""
     summaries = [load_summary(p) for p in paths]
-    md = ["# DyVE results", "", "| benchmark | baseline top-1 | DyVE top-1 | ops reduction | "
-          "speedup (batch 1, 1 thread) | speedup (batch N, 1 thread) | N |",
-          "|---|---|---|---|---|---|---|"]
+    md = ["# DyVE results", "", "| benchmark | tuning protocol | baseline top-1 | DyVE top-1 | "
+          "change (95 % CI) | ops reduction | speedup (batch 1, 1 thread) | "
+          "speedup (batch N, 1 thread) | N |",
+          "|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for s in summaries:
         t = _reference_threads(s)
         bn = max(s.get("batches") or [1])
         has = bool(s.get("weights"))
         top1 = lambda v: _pct(v) if has else "—"
-        md.append(f"| {_benchmark_label(s)} | {top1(s.get('baseline_top1'))} | "
-                  f"{top1(s.get('dyve_top1'))} | {_x(s['ops_reduction'])} | "
+        ci = (s.get("accuracy", {}).get("top1") or {}).get("diff_ci95") if has else None
+        change = "—" if ci is None else (f"{100 * (s['dyve_top1'] - s['baseline_top1']):+.2f} "
+                                         f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] pp")
+        md.append(f"| {_benchmark_label(s)} | {s.get('protocol') or '—'} | "
+                  f"{top1(s.get('baseline_top1'))} | {top1(s.get('dyve_top1'))} | {change} | "
+                  f"{_x(s['ops_reduction'])} | "
                   f"{_x(_speedup(s, 1, t))} | {_x(_speedup(s, bn, t))} | {bn} |")
         num = lambda v, f: "-" if v is None else f.format(v)
         b1, d1 = (s.get("baseline_top1"), s.get("dyve_top1")) if has else (None, None)
         rows.append({
-            "net": s["net"], "weights": "yes" if has else "none", "images": str(s["images"]),
+            "net": s["net"], "protocol": s.get("protocol") or "-",
+            "weights": "yes" if has else "none", "images": str(s["images"]),
             "baseline_top1": num(100 * b1 if b1 is not None else None, "{:.2f}"),
             "dyve_top1": num(100 * d1 if d1 is not None else None, "{:.2f}"),
             "delta_top1": num(100 * (d1 - b1) if None not in (b1, d1) else None, "{:+.2f}"),
+            "delta_ci_low": num(None if ci is None else 100 * ci[0], "{:+.2f}"),
+            "delta_ci_high": num(None if ci is None else 100 * ci[1], "{:+.2f}"),
             "ops_reduction": f"{s['ops_reduction']:.3f}",
             "speedup_b1": num(_speedup(s, 1, t), "{:.3f}"),
             "speedup_bN": num(_speedup(s, bn, t), "{:.3f}"),
@@ -398,8 +407,9 @@ def merge_table(paths):
                 md.append(f"| {s['net']} | {b} | {t} | {_ms(ms['stock'])} | {_ms(ms['dyve'])} | "
                           f"{_x(tm['speedup'])} | {_ms(ms.get('opencv'))} |")
     widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in TABLE_COLUMNS}
-    plain = ["# dyve.bench table: top-1 in %, delta in points, speedup = stock/DyVE at "
-             "batch 1 and batch N with `threads` OpenBLAS threads; '-' = not measured",
+    plain = ["# dyve.bench table: top-1 in %, delta (and its 95 % interval) in points, "
+             "speedup = stock/DyVE at batch 1 and batch N with `threads` OpenBLAS threads; "
+             "'-' = not measured",
              "  ".join(c.ljust(widths[c]) for c in TABLE_COLUMNS)]
     plain += ["  ".join(r[c].ljust(widths[c]) for c in TABLE_COLUMNS).rstrip() for r in rows]
     return "\n".join(md) + "\n", "\n".join(plain) + "\n"
@@ -423,7 +433,7 @@ def parse_table(text):
                 row[k] = None
             elif k in ("images", "N", "threads"):
                 row[k] = int(v)
-            elif k in ("net", "weights"):
+            elif k in ("net", "protocol", "weights"):
                 row[k] = v
             else:
                 row[k] = float(v)

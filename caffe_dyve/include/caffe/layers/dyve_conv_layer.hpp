@@ -36,17 +36,13 @@ template <typename Dtype>
 class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
  public:
   explicit DyveConvolutionLayer(const LayerParameter& param)
-      : ConvolutionLayer<Dtype>(param), weights_version_(0),
-        state_stale_(true) {}
+      : ConvolutionLayer<Dtype>(param) {}
   virtual void LayerSetUp(const vector<Blob<Dtype>*>& bottom,
       const vector<Blob<Dtype>*>& top);
   virtual void Reshape(const vector<Blob<Dtype>*>& bottom,
       const vector<Blob<Dtype>*>& top);
   virtual inline const char* type() const { return "DyveConvolution"; }
 
-  virtual const DyveEffort& effort() const { return effort_; }
-  virtual void ResetEffort() { effort_.Reset(); }
-  virtual const DyveParameter& dyve_param() const { return dyve_param_; }
   virtual std::string SetDyveParam(const DyveParameter& param);
 
  protected:
@@ -120,10 +116,6 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   /// write kSlack values past the row.
   void GatherRow(int p, Dtype* row, const ImageWork* work) const;
 
-  DyveParameter dyve_param_;
-  DyveEffort effort_;
-  uint64_t weights_version_;
-  bool state_stale_;
   std::vector<DyveNeuronPlan<Dtype> > plans_;  // per group, no SFMA maps
   std::vector<int> tap_offset_;  // padded-input offset of each tap, row-major
   // SFMA: per output position, kind and summed-area table indices (Reshape).

@@ -28,15 +28,11 @@ class DyveInnerProductLayer : public InnerProductLayer<Dtype>,
     public DyveLayer {
  public:
   explicit DyveInnerProductLayer(const LayerParameter& param)
-      : InnerProductLayer<Dtype>(param), weights_version_(0),
-        state_stale_(true) {}
+      : InnerProductLayer<Dtype>(param) {}
   virtual void LayerSetUp(const vector<Blob<Dtype>*>& bottom,
       const vector<Blob<Dtype>*>& top);
   virtual inline const char* type() const { return "DyveInnerProduct"; }
 
-  virtual const DyveEffort& effort() const { return effort_; }
-  virtual void ResetEffort() { effort_.Reset(); }
-  virtual const DyveParameter& dyve_param() const { return dyve_param_; }
   virtual std::string SetDyveParam(const DyveParameter& param);
 
  protected:
@@ -48,10 +44,6 @@ class DyveInnerProductLayer : public InnerProductLayer<Dtype>,
  private:
   void RefreshWeightState();
 
-  DyveParameter dyve_param_;
-  DyveEffort effort_;
-  uint64_t weights_version_;
-  bool state_stale_;
   DyveNeuronPlan<Dtype> plan_;
   typename DyveNeuronPlan<Dtype>::Scratch scratch_;
   std::vector<Dtype> rows_;

@@ -46,13 +46,44 @@ struct DyveEffort {
 class DyveLayer {
  public:
   virtual ~DyveLayer() {}
-  virtual const DyveEffort& effort() const = 0;
-  virtual void ResetEffort() = 0;
-  virtual const DyveParameter& dyve_param() const = 0;
+  const DyveEffort& effort() const { return effort_; }
+  void ResetEffort() { effort_.Reset(); }
+  const DyveParameter& dyve_param() const { return dyve_param_; }
   /// Checks and applies new knob settings on a live layer, keeping its
   /// weights. Returns "" on success, else an error naming layer and field
   /// (the layer is then unchanged).
   virtual std::string SetDyveParam(const DyveParameter& param) = 0;
+
+ protected:
+  DyveLayer() : weights_version_(0), state_stale_(true) {}
+  /// LayerSetUp's part: takes the layer's dyve_param and fails, naming the
+  /// layer and the field, when it is not valid.
+  void SetUpDyveParam(const LayerParameter& layer_param, const char* type,
+      bool is_convolution);
+  /// SetDyveParam's part: with no `error`, applies `param` (also to
+  /// *layer_param) and marks the weight-derived state stale. Returns error.
+  std::string ApplyDyveParam(const DyveParameter& param,
+      const std::string& error, LayerParameter* layer_param);
+  /// Whether the weight-derived state must be rebuilt for weights whose
+  /// blob is at write version `version` (new weights or new settings).
+  bool WeightStateStale(uint64_t version) const {
+    return state_stale_ || version != weights_version_;
+  }
+  /// Records that the state was rebuilt for weights at `version`.
+  void WeightStateRebuilt(uint64_t version) {
+    weights_version_ = version;
+    state_stale_ = false;
+  }
+  /// Backward's guard: fails, naming the layer, while a knob is on.
+  void CheckBackwardAllowed(const char* type,
+      const std::string& layer_name) const;
+
+  DyveParameter dyve_param_;
+  DyveEffort effort_;
+
+ private:
+  uint64_t weights_version_;
+  bool state_stale_;
 };
 
 /// Returns "" if `param` is valid for a layer of the given kind, else a

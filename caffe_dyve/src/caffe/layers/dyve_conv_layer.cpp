@@ -13,10 +13,7 @@ template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::LayerSetUp(
     const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
   ConvolutionLayer<Dtype>::LayerSetUp(bottom, top);
-  dyve_param_ = this->layer_param_.dyve_param();
-  const std::string error = ValidateDyveParameter(dyve_param_, type(),
-      this->layer_param_.name(), true);
-  CHECK(error.empty()) << error;
+  SetUpDyveParam(this->layer_param_, type(), true);
 }
 
 template <typename Dtype>
@@ -96,17 +93,12 @@ std::string DyveConvolutionLayer<Dtype>::SetDyveParam(
   std::string error = ValidateDyveParameter(param, type(),
       this->layer_param_.name(), true);
   if (error.empty()) error = CheckShapes(param);
-  if (!error.empty()) return error;
-  dyve_param_ = param;
-  *this->layer_param_.mutable_dyve_param() = param;
-  state_stale_ = true;
-  return "";
+  return ApplyDyveParam(param, error, &this->layer_param_);
 }
 
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::RefreshWeightState() {
-  const uint64_t version = this->blobs_[0]->data()->version();
-  if (!state_stale_ && version == weights_version_) return;
+  if (!WeightStateStale(this->blobs_[0]->data()->version())) return;
   const int groups = this->group_;
   const int group_outputs = this->num_output_ / groups;
   const int group_channels = this->channels_ / groups;
@@ -120,8 +112,7 @@ void DyveConvolutionLayer<Dtype>::RefreshWeightState() {
         group_channels, taps);
     plans_[g].Build(dyve_param_, group_weights, std::vector<bool>());
   }
-  weights_version_ = this->blobs_[0]->data()->version();
-  state_stale_ = false;
+  WeightStateRebuilt(this->blobs_[0]->data()->version());
 }
 
 template <typename Dtype>
@@ -513,10 +504,7 @@ void DyveConvolutionLayer<Dtype>::Backward_cpu(
     needed = needed || propagate_down[i];
   }
   if (!needed) return;
-  CHECK(!DyveKnobsOn(dyve_param_)) << type() << " layer '"
-      << this->layer_param_.name() << "': Backward is not available while a "
-      << "dyve_param knob is on (the forward pass is approximate); train with "
-      << "every knob off";
+  CheckBackwardAllowed(type(), this->layer_param_.name());
   if (dyve_param_.relu()) {
     for (int i = 0; i < top.size(); ++i) {
       MaskReluDiff(top[i]->count(), top[i]->cpu_data(),

@@ -11,10 +11,7 @@ template <typename Dtype>
 void DyveInnerProductLayer<Dtype>::LayerSetUp(
     const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
   InnerProductLayer<Dtype>::LayerSetUp(bottom, top);
-  dyve_param_ = this->layer_param_.dyve_param();
-  const std::string error = ValidateDyveParameter(dyve_param_, type(),
-      this->layer_param_.name(), false);
-  CHECK(error.empty()) << error;
+  SetUpDyveParam(this->layer_param_, type(), false);
 }
 
 template <typename Dtype>
@@ -22,17 +19,12 @@ std::string DyveInnerProductLayer<Dtype>::SetDyveParam(
     const DyveParameter& param) {
   const std::string error = ValidateDyveParameter(param, type(),
       this->layer_param_.name(), false);
-  if (!error.empty()) return error;
-  dyve_param_ = param;
-  *this->layer_param_.mutable_dyve_param() = param;
-  state_stale_ = true;
-  return "";
+  return ApplyDyveParam(param, error, &this->layer_param_);
 }
 
 template <typename Dtype>
 void DyveInnerProductLayer<Dtype>::RefreshWeightState() {
-  const uint64_t version = this->blobs_[0]->data()->version();
-  if (!state_stale_ && version == weights_version_) return;
+  if (!WeightStateStale(this->blobs_[0]->data()->version())) return;
   const Dtype* weights = this->blobs_[0]->cpu_data();
   std::vector<Dtype> transposed;
   if (this->transpose_) {
@@ -47,8 +39,7 @@ void DyveInnerProductLayer<Dtype>::RefreshWeightState() {
   }
   plan_.ComputeOrders(dyve_param_, weights, this->N_, this->K_, 1);
   plan_.Build(dyve_param_, weights, std::vector<bool>());
-  weights_version_ = this->blobs_[0]->data()->version();
-  state_stale_ = false;
+  WeightStateRebuilt(this->blobs_[0]->data()->version());
 }
 
 template <typename Dtype>
@@ -99,10 +90,7 @@ void DyveInnerProductLayer<Dtype>::Backward_cpu(
   const bool needed = propagate_down[0] || this->param_propagate_down(0) ||
       (this->bias_term_ && this->param_propagate_down(1));
   if (!needed) return;
-  CHECK(!DyveKnobsOn(dyve_param_)) << type() << " layer '"
-      << this->layer_param_.name() << "': Backward is not available while a "
-      << "dyve_param knob is on (the forward pass is approximate); train with "
-      << "every knob off";
+  CheckBackwardAllowed(type(), this->layer_param_.name());
   if (dyve_param_.relu()) {
     MaskReluDiff(top[0]->count(), top[0]->cpu_data(),
         top[0]->mutable_cpu_diff());

@@ -75,6 +75,30 @@ bool DyveKnobsOn(const DyveParameter& param) {
       param.sdss().enabled() || param.sfma().enabled();
 }
 
+void DyveLayer::SetUpDyveParam(const LayerParameter& layer_param,
+    const char* type, bool is_convolution) {
+  dyve_param_ = layer_param.dyve_param();
+  const std::string error = ValidateDyveParameter(dyve_param_, type,
+      layer_param.name(), is_convolution);
+  CHECK(error.empty()) << error;
+}
+
+std::string DyveLayer::ApplyDyveParam(const DyveParameter& param,
+    const std::string& error, LayerParameter* layer_param) {
+  if (!error.empty()) return error;
+  dyve_param_ = param;
+  *layer_param->mutable_dyve_param() = param;
+  state_stale_ = true;
+  return "";
+}
+
+void DyveLayer::CheckBackwardAllowed(const char* type,
+    const std::string& layer_name) const {
+  CHECK(!DyveKnobsOn(dyve_param_)) << type << " layer '" << layer_name
+      << "': Backward is not available while a dyve_param knob is on (the "
+      << "forward pass is approximate); train with every knob off";
+}
+
 std::string ValidateDyveParameter(const DyveParameter& param,
     const std::string& layer_type, const std::string& layer_name,
     bool is_convolution) {

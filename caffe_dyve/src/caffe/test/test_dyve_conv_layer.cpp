@@ -86,6 +86,15 @@ class DyveConvolutionLayerTest : public MultiDeviceTest<TypeParam> {
     }
   }
 
+  // Sets up and runs the DyVE layer, then expects the stock result (after a
+  // ReLU when `relu`) to within 1e-5.
+  void ExpectStockResult(const ConvShape& s, Layer<Dtype>* dyve, bool relu) {
+    dyve->SetUp(bottom_vec_, top_vec_);
+    dyve->Forward(bottom_vec_, top_vec_);
+    RunStock(s, dyve, relu);
+    ExpectTopsNear(1e-5);
+  }
+
   void ExpectTopsNear(Dtype relative) {
     ASSERT_EQ(top_->shape(), stock_top_->shape());
     for (int i = 0; i < top_->count(); ++i) {
@@ -95,23 +104,37 @@ class DyveConvolutionLayerTest : public MultiDeviceTest<TypeParam> {
     }
   }
 
+  // The input under tap (kh, kw) of group-local channel c for neuron
+  // (n, o, y, x) into *value; false when the tap falls into the padding.
+  bool TapInput(const ConvShape& s, int n, int o, int y, int x, int c,
+      int kh, int kw, Dtype* value) {
+    const int ih = y * s.stride - s.pad + kh * s.dilation;
+    const int iw = x * s.stride - s.pad + kw * s.dilation;
+    if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) return false;
+    const int group_channels = s.channels / s.group;
+    const int g = o / (s.outputs / s.group);
+    *value = bottom_->data_at(n, g * group_channels + c, ih, iw);
+    return true;
+  }
+
+  static Dtype TapWeight(const ConvShape& s, const Dtype* weights, int o,
+      int c, int kh, int kw) {
+    const int group_channels = s.channels / s.group;
+    return weights[((o * group_channels + c) * s.kernel_h + kh) * s.kernel_w +
+        kw];
+  }
+
   // Plain reference: the sum over the given group-local channels of the
   // neuron (n, o, y, x), bias not included.
   Dtype NeuronSum(const ConvShape& s, const Dtype* weights, int n, int o,
       int y, int x, const std::vector<int>& channels) {
-    const int group_channels = s.channels / s.group;
-    const int g = o / (s.outputs / s.group);
     Dtype sum = 0;
     for (int k = 0; k < channels.size(); ++k) {
-      const int c = channels[k];
       for (int kh = 0; kh < s.kernel_h; ++kh) {
         for (int kw = 0; kw < s.kernel_w; ++kw) {
-          const int ih = y * s.stride - s.pad + kh * s.dilation;
-          const int iw = x * s.stride - s.pad + kw * s.dilation;
-          if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) continue;
-          sum += weights[((o * group_channels + c) * s.kernel_h + kh) *
-              s.kernel_w + kw] * bottom_->data_at(n, g * group_channels + c,
-                  ih, iw);
+          Dtype v;
+          if (!TapInput(s, n, o, y, x, channels[k], kh, kw, &v)) continue;
+          sum += TapWeight(s, weights, o, channels[k], kh, kw) * v;
         }
       }
     }
@@ -157,27 +180,21 @@ class DyveConvolutionLayerTest : public MultiDeviceTest<TypeParam> {
   // tap in the padding).
   Dtype RestBound(const ConvShape& s, const Dtype* weights, int n, int o,
       int y, int x, const std::vector<int>& channels) {
-    const int group_channels = s.channels / s.group;
-    const int g = o / (s.outputs / s.group);
     Dtype bound = 0;
     for (int k = 0; k < channels.size(); ++k) {
       const int c = channels[k];
       Dtype positive = 0, largest = 0;
       bool any_padding = false, any_inside = false;
-      for (int kh = 0; kh < s.kernel_h; ++kh) {
-        for (int kw = 0; kw < s.kernel_w; ++kw) {
-          positive += std::max(Dtype(0), weights[((o * group_channels + c) *
-              s.kernel_h + kh) * s.kernel_w + kw]);
-          const int ih = y * s.stride - s.pad + kh * s.dilation;
-          const int iw = x * s.stride - s.pad + kw * s.dilation;
-          if (ih < 0 || ih >= s.height || iw < 0 || iw >= s.width) {
-            any_padding = true;
-            continue;
-          }
-          const Dtype v = bottom_->data_at(n, g * group_channels + c, ih, iw);
-          largest = any_inside ? std::max(largest, v) : v;
-          any_inside = true;
+      for (int t = 0; t < s.kernel_h * s.kernel_w; ++t) {
+        const int kh = t / s.kernel_w, kw = t % s.kernel_w;
+        positive += std::max(Dtype(0), TapWeight(s, weights, o, c, kh, kw));
+        Dtype v;
+        if (!TapInput(s, n, o, y, x, c, kh, kw, &v)) {
+          any_padding = true;
+          continue;
         }
+        largest = any_inside ? std::max(largest, v) : v;
+        any_inside = true;
       }
       if (any_padding) largest = std::max(largest, Dtype(0));
       bound += positive * largest;
@@ -224,10 +241,7 @@ TYPED_TEST(DyveConvolutionLayerTest, TestKnobsOffEqualsConvolution) {
       LayerParameter param = this->ConvParam(shapes[i]);
       param.mutable_dyve_param()->set_relu(relu);
       DyveConvolutionLayer<Dtype> layer(param);
-      layer.SetUp(this->bottom_vec_, this->top_vec_);
-      layer.Forward(this->bottom_vec_, this->top_vec_);
-      this->RunStock(shapes[i], &layer, relu);
-      this->ExpectTopsNear(1e-5);
+      this->ExpectStockResult(shapes[i], &layer, relu);
       EXPECT_EQ(layer.effort().macs_executed, layer.effort().macs_dense);
       EXPECT_EQ(layer.effort().outputs, this->top_->count());
       EXPECT_EQ(layer.effort().macs_dense,
@@ -252,10 +266,7 @@ TYPED_TEST(DyveConvolutionLayerTest, TestKnobsOnButInertEqualsConvolution) {
     dyve->mutable_spet()->set_threshold(-1e30);
     dyve->mutable_sfma()->set_enabled(true);
     DyveConvolutionLayer<Dtype> layer(param);
-    layer.SetUp(this->bottom_vec_, this->top_vec_);
-    layer.Forward(this->bottom_vec_, this->top_vec_);
-    this->RunStock(shapes[i], &layer, true);
-    this->ExpectTopsNear(1e-5);
+    this->ExpectStockResult(shapes[i], &layer, true);
     EXPECT_EQ(layer.effort().macs_executed, layer.effort().macs_dense);
     EXPECT_EQ(layer.effort().spet_zeroed, 0);
     EXPECT_EQ(layer.effort().sfma_maps, 0);
@@ -273,10 +284,7 @@ TYPED_TEST(DyveConvolutionLayerTest, TestExactModeMatchesStockAfterReLU) {
       param.mutable_dyve_param()->mutable_spet()->set_exact(true);
       param.mutable_dyve_param()->mutable_spet()->set_check_interval(interval);
       DyveConvolutionLayer<Dtype> layer(param);
-      layer.SetUp(this->bottom_vec_, this->top_vec_);
-      layer.Forward(this->bottom_vec_, this->top_vec_);
-      this->RunStock(shapes[i], &layer, true);
-      this->ExpectTopsNear(1e-5);
+      this->ExpectStockResult(shapes[i], &layer, true);
       const DyveEffort& e = layer.effort();
       if (interval == 1) {
         // Checked after every negative term, some neuron must stop early. (A
@@ -584,17 +592,15 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSfmaConstantMap) {
   const ConvShape s = {2, 3, 7, 6, 4, 3, 3, 1, 1, 1, 1, true};
   this->FillBottom(s, -1, 1);
   for (int n = 0; n < s.num; ++n) {
-    Dtype* map = this->bottom_->mutable_cpu_data() + this->bottom_->offset(n, 1);
+    Dtype* map =
+        this->bottom_->mutable_cpu_data() + this->bottom_->offset(n, 1);
     std::fill(map, map + s.height * s.width, Dtype(3));
   }
   LayerParameter param = this->ConvParam(s);
   param.mutable_dyve_param()->mutable_sfma()->set_enabled(true);
   param.mutable_dyve_param()->mutable_sfma()->set_threshold(0.5);
   DyveConvolutionLayer<Dtype> layer(param);
-  layer.SetUp(this->bottom_vec_, this->top_vec_);
-  layer.Forward(this->bottom_vec_, this->top_vec_);
-  this->RunStock(s, &layer, false);
-  this->ExpectTopsNear(1e-5);
+  this->ExpectStockResult(s, &layer, false);
   // In the interior the constant map contributes mean x kernel sum.
   const Dtype* w = layer.blobs()[0]->cpu_data();
   const std::vector<int> varying = {0, 2};
@@ -841,7 +847,8 @@ TYPED_TEST(DyveConvolutionLayerTest, TestLoadsStockCaffemodel) {
     for (int o = 0; o < 4; ++o) {
       for (int y = 0; y < 8; ++y) {
         for (int x = 0; x < 8; ++x) {
-          Dtype partial = stock.layer_by_name("conv1")->blobs()[1]->cpu_data()[o];
+          Dtype partial =
+              stock.layer_by_name("conv1")->blobs()[1]->cpu_data()[o];
           for (int c = 0; c < 3; ++c) {
             if (c == skipped) continue;
             for (int kh = 0; kh < 3; ++kh) {
@@ -863,7 +870,8 @@ TYPED_TEST(DyveConvolutionLayerTest, TestLoadsStockCaffemodel) {
   }
   EXPECT_GT(compared, 400);
   // And with every knob off the DyVE net is the stock net.
-  DyveLayer* layer = dynamic_cast<DyveLayer*>(dyve.layer_by_name("conv1").get());
+  DyveLayer* layer =
+      dynamic_cast<DyveLayer*>(dyve.layer_by_name("conv1").get());
   ASSERT_TRUE(layer != NULL);
   DyveParameter off;
   off.set_relu(true);

@@ -70,6 +70,25 @@ class DyveInnerProductLayerTest : public MultiDeviceTest<TypeParam> {
     }
   }
 
+  // The hand-made case: inputs {1, 1, 5, 1}, two outputs with weights
+  // {1, 0, 0, 2} and {-3, 1, 1, 1}, no bias, ReLU on. Runs it with the given
+  // SPET settings into top_ and returns the layer's counters.
+  DyveEffort RunHandMade(const DyveSpetParameter& spet) {
+    bottom_->Reshape(1, 4, 1, 1);
+    const Dtype input[] = {1, 1, 5, 1};
+    std::copy(input, input + 4, bottom_->mutable_cpu_data());
+    const Dtype weights[] = {1, 0, 0, 2,
+                             -3, 1, 1, 1};
+    LayerParameter param = IpParam(2, false, false);
+    param.mutable_dyve_param()->set_relu(true);
+    *param.mutable_dyve_param()->mutable_spet() = spet;
+    DyveInnerProductLayer<Dtype> layer(param);
+    layer.SetUp(bottom_vec_, top_vec_);
+    std::copy(weights, weights + 8, layer.blobs()[0]->mutable_cpu_data());
+    layer.Forward(bottom_vec_, top_vec_);
+    return layer.effort();
+  }
+
   Blob<Dtype>* const bottom_;
   Blob<Dtype>* const top_;
   Blob<Dtype>* const stock_top_;
@@ -117,27 +136,15 @@ TYPED_TEST(DyveInnerProductLayerTest, TestExactModeMatchesStockAfterReLU) {
 // Four inputs, two outputs, f = 0.5: by summed |W| the inputs rank
 // 0 (4), 3 (3), 1 (1), 2 (1), so the prefix is inputs {0, 3}.
 TYPED_TEST(DyveInnerProductLayerTest, TestSpetHandMade) {
-  typedef typename TypeParam::Dtype Dtype;
-  this->bottom_->Reshape(1, 4, 1, 1);
-  const Dtype input[] = {1, 1, 5, 1};
-  std::copy(input, input + 4, this->bottom_->mutable_cpu_data());
-  const Dtype weights[] = {1, 0, 0, 2,
-                           -3, 1, 1, 1};
   for (int low = 0; low < 2; ++low) {
-    LayerParameter param = this->IpParam(2, false, false);
-    param.mutable_dyve_param()->set_relu(true);
-    DyveSpetParameter* spet = param.mutable_dyve_param()->mutable_spet();
-    spet->set_enabled(true);
-    spet->set_threshold(low ? -2.5 : 0);
-    DyveInnerProductLayer<Dtype> layer(param);
-    layer.SetUp(this->bottom_vec_, this->top_vec_);
-    std::copy(weights, weights + 8, layer.blobs()[0]->mutable_cpu_data());
-    layer.Forward(this->bottom_vec_, this->top_vec_);
+    DyveSpetParameter spet;
+    spet.set_enabled(true);
+    spet.set_threshold(low ? -2.5 : 0);
+    const DyveEffort e = this->RunHandMade(spet);
     // Neuron 0: prefix 1 + 2 = 3, then + 0 + 0. Neuron 1: prefix -3 + 1 = -2:
     // under T = 0 it is zeroed although its full sum is 4.
     EXPECT_EQ(this->top_->cpu_data()[0], 3);
     EXPECT_EQ(this->top_->cpu_data()[1], low ? 4 : 0);
-    const DyveEffort& e = layer.effort();
     EXPECT_EQ(e.spet_zeroed, low ? 0 : 1);
     EXPECT_EQ(e.macs_executed, low ? 8 : 6);
     EXPECT_EQ(e.macs_skipped_spet, low ? 0 : 2);
@@ -146,27 +153,16 @@ TYPED_TEST(DyveInnerProductLayerTest, TestSpetHandMade) {
 }
 
 TYPED_TEST(DyveInnerProductLayerTest, TestSpetPerOutputOrder) {
-  typedef typename TypeParam::Dtype Dtype;
   // Per output, neuron 1's own order is 0 (3), then 1, 2, 3 (1 each): its
   // prefix {0, 1} sums -3 + 1 = -2 < 0, so it is zeroed; neuron 0's prefix
   // {3, 0} sums 3 and it goes on.
-  this->bottom_->Reshape(1, 4, 1, 1);
-  const Dtype input[] = {1, 1, 5, 1};
-  std::copy(input, input + 4, this->bottom_->mutable_cpu_data());
-  const Dtype weights[] = {1, 0, 0, 2,
-                           -3, 1, 1, 1};
-  LayerParameter param = this->IpParam(2, false, false);
-  param.mutable_dyve_param()->set_relu(true);
-  DyveSpetParameter* spet = param.mutable_dyve_param()->mutable_spet();
-  spet->set_enabled(true);
-  spet->set_ordering(DyveSpetParameter_Ordering_PER_OUTPUT);
-  DyveInnerProductLayer<Dtype> layer(param);
-  layer.SetUp(this->bottom_vec_, this->top_vec_);
-  std::copy(weights, weights + 8, layer.blobs()[0]->mutable_cpu_data());
-  layer.Forward(this->bottom_vec_, this->top_vec_);
+  DyveSpetParameter spet;
+  spet.set_enabled(true);
+  spet.set_ordering(DyveSpetParameter_Ordering_PER_OUTPUT);
+  const DyveEffort e = this->RunHandMade(spet);
   EXPECT_EQ(this->top_->cpu_data()[0], 3);
   EXPECT_EQ(this->top_->cpu_data()[1], 0);
-  EXPECT_EQ(layer.effort().macs_executed, 6);
+  EXPECT_EQ(e.macs_executed, 6);
 }
 
 TYPED_TEST(DyveInnerProductLayerTest, TestRefusesConvolutionKnobs) {

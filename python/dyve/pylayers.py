@@ -22,6 +22,7 @@ import caffe
 import numpy as np
 
 from dyve import effort as dyve_effort
+from dyve import ladders
 from dyve import settings as dyve_settings
 
 # The counter table of docs/knobs.md, in DyveEffort's order.
@@ -146,11 +147,15 @@ def channel_orders(w3, spet):
     w3: weights of the group as [O_g, C_g, KK]. Returns a list of O_g lists of channel
     indices. Without approximate SPET the order is the natural one; otherwise channels are
     sorted by significance (L1 norm of the kernel slice) descending, ties by index
-    (Python's sort is stable), per group (PER_LAYER) or per output (PER_OUTPUT).
+    (Python's sort is stable), per group (PER_LAYER) or per output (PER_OUTPUT); or, with
+    INTERLEAVED, the paper's order, not weight-derived: odd-indexed channels first, then
+    the even-indexed ones (ladders.interleaved_order), per group.
     """
     n_out, n_chan = w3.shape[:2]
     if not spet["enabled"]:
         return [list(range(n_chan))] * n_out
+    if spet["ordering"] == "INTERLEAVED":
+        return [[int(c) for c in ladders.interleaved_order(n_chan)]] * n_out
     significance = np.abs(w3).sum(axis=2)                    # s[o][c]
     if spet["ordering"] == "PER_LAYER":
         total = significance.sum(axis=0)
@@ -259,8 +264,23 @@ def _count_dense(effort, num, n_outputs, fan_in):
 # Convolution
 # ---------------------------------------------------------------------------------------
 
-def _sfma_constant_maps(x_image, sfma, effort):
-    """SFMA step 1-2 for one image: (constant flag, mean) per input channel."""
+def sfma_kernel_allowed(W, group, sfma):
+    """SFMA's weight-time table: per input channel (all groups), whether its kernel may be
+    replaced: max over the outputs o of its group of sum_taps |W[o, c, tap]| <=
+    kernel_threshold. All True with the default inf."""
+    n_out, c_g = W.shape[:2]
+    threshold = _as_float32(sfma["kernel_threshold"])
+    if math.isinf(threshold):
+        return np.ones(group * c_g, dtype=bool)
+    o_g = n_out // group
+    sums = np.abs(W).reshape(n_out, c_g, -1).sum(axis=2)          # [O, C_g]
+    largest = sums.reshape(group, o_g, c_g).max(axis=1)           # [group, C_g]
+    return (largest <= threshold).reshape(group * c_g)
+
+
+def _sfma_constant_maps(x_image, sfma, allowed, effort):
+    """SFMA step 1-2 for one image: (constant flag, mean) per input channel; `allowed`
+    is sfma_kernel_allowed's table."""
     n_chan, height, width = x_image.shape
     threshold = _as_float32(sfma["threshold"])
     constant = np.zeros(n_chan, dtype=bool)
@@ -268,8 +288,13 @@ def _sfma_constant_maps(x_image, sfma, effort):
     for c in range(n_chan):
         values = x_image[c]
         means[c] = values.mean()
-        spread = values.max() - values.min() if sfma["spread"] == "RANGE" else values.std()
-        constant[c] = spread <= threshold
+        if sfma["spread"] == "RANGE":
+            spread = values.max() - values.min()
+        elif sfma["spread"] == "STD":
+            spread = values.std()
+        else:                                   # VARIANCE: population variance
+            spread = values.var()
+        constant[c] = spread <= threshold and allowed[c]
     effort["ops_sfma"] += n_chan * (3 * height * width + 1)
     effort["sfma_maps"] += int(constant.sum())
     return constant, means
@@ -291,6 +316,8 @@ def _output_map(compute, out_h, out_w, sdss, fan_in, effort):
     """
     stride = sdss["stride"] if sdss["enabled"] else 1
     threshold = _as_float32(sdss["threshold"])
+    range_threshold = _as_float32(sdss["range_threshold"])
+    check_range = not math.isinf(range_threshold)
     out = np.zeros((out_h, out_w))
     for y in range(0, out_h, stride):
         for x in range(0, out_w, stride):
@@ -308,6 +335,12 @@ def _output_map(compute, out_h, out_w, sdss, fan_in, effort):
                 if out[ny, nx] > threshold:
                     significant = True
                     break
+            if not significant and check_range:
+                # The paper's second test: max and min over the neighbours, the
+                # subtraction and the compare.
+                effort["ops_sdss"] += 2 * len(neighbours)
+                values = [out[ny, nx] for ny, nx in neighbours]
+                significant = max(values) - min(values) > range_threshold
             if significant:
                 out[y, x] = compute(y, x)
                 continue
@@ -371,10 +404,12 @@ def conv_forward(x, W, b, geometry, settings):
     row_taps = _inside_taps(out_h, height, kh, geo["stride"][0], geo["pad"][0], geo["dilation"][0])
     col_taps = _inside_taps(out_w, width, kw, geo["stride"][1], geo["pad"][1], geo["dilation"][1])
 
+    allowed = sfma_kernel_allowed(W, group, st["sfma"])
+
     for n in range(num):
         constant, means = np.zeros(channels, dtype=bool), np.zeros(channels)
         if st["sfma"]["enabled"]:
-            constant, means = _sfma_constant_maps(x[n], st["sfma"], effort)
+            constant, means = _sfma_constant_maps(x[n], st["sfma"], allowed, effort)
         for g in range(group):
             c0 = g * c_g
             patches = _im2col(x[n, c0:c0 + c_g], geo, out_h, out_w)
@@ -406,7 +441,8 @@ def conv_forward(x, W, b, geometry, settings):
                 top[n, o] = _output_map(compute, out_h, out_w, st["sdss"], fan_in, effort)
             if st["spet"]["enabled"] and st["spet"]["gate"] == "BOUND":
                 # Per row, the maxima of the live rest channels: R = their taps (L - Lp).
-                # PER_LAYER: every output of the group has the same rest (the last plan's).
+                # PER_LAYER, INTERLEAVED: every output of the group has the same rest (the
+                # last plan's).
                 effort["ops_spet"] += len(rows) * len(plan["rest"])
     return top, effort
 

@@ -18,18 +18,23 @@ DEFAULTS = {
     "relu": False,
     "spet": {"enabled": False, "fraction": 0.5, "threshold": 0.0, "ordering": "PER_LAYER",
              "exact": False, "check_interval": 16, "gate": "THRESHOLD", "bound_scale": 1.0},
-    "sdss": {"enabled": False, "stride": 2, "threshold": 0.0, "fill": "MEAN"},
-    "sfma": {"enabled": False, "threshold": 0.0, "spread": "RANGE"},
+    "sdss": {"enabled": False, "stride": 2, "threshold": 0.0, "fill": "MEAN",
+             "range_threshold": math.inf},
+    "sfma": {"enabled": False, "threshold": 0.0, "spread": "RANGE",
+             "kernel_threshold": math.inf},
 }
 
 ENUMS = {
-    "spet.ordering": ("PER_LAYER", "PER_OUTPUT"),
+    "spet.ordering": ("PER_LAYER", "PER_OUTPUT", "INTERLEAVED"),
     "spet.gate": ("THRESHOLD", "BOUND"),
     "sdss.fill": ("MEAN", "ZERO"),
-    "sfma.spread": ("RANGE", "STD"),
+    "sfma.spread": ("RANGE", "STD", "VARIANCE"),
 }
 
 UINT32_MAX = 2 ** 32 - 1
+
+# SPET orderings with one channel order per group (GEMM-friendly; the BOUND gate's).
+ONE_ORDER_PER_GROUP = ("PER_LAYER", "INTERLEAVED")
 
 # The one table of stock layer types and the DyVE layer that replaces each (same
 # parameters and blobs, so a stock caffemodel loads into the DyVE form unchanged).
@@ -112,19 +117,28 @@ def normalize(settings, layer_type=None):
         raise ValueError(f"spet.bound_scale must be finite and >= 0, got "
                          f"{spet['bound_scale']:g}")
     # The BOUND gate refines approximate SPET with one channel order per group
-    # (docs/knobs.md, The BOUND gate of SPET); the layer refuses it on an inner product.
+    # (PER_LAYER or INTERLEAVED; docs/knobs.md, The BOUND gate of SPET); the layer
+    # refuses it on an inner product.
     if spet["gate"] == "BOUND":
         if not spet["enabled"]:
             raise ValueError("spet.gate BOUND needs spet.enabled true")
-        if spet["ordering"] != "PER_LAYER":
-            raise ValueError(f"spet.gate BOUND needs spet.ordering PER_LAYER, "
-                             f"got {spet['ordering']}")
+        if spet["ordering"] not in ONE_ORDER_PER_GROUP:
+            raise ValueError(f"spet.gate BOUND needs spet.ordering PER_LAYER or "
+                             f"INTERLEAVED, got {spet['ordering']}")
     if sdss["stride"] < 1:
         raise ValueError(f"sdss.stride must be >= 1, got {sdss['stride']}")
     if sdss["threshold"] < 0:
         raise ValueError(f"sdss.threshold must be >= 0, got {sdss['threshold']:g}")
+    # The paper's second thresholds: inf (the default) leaves them out; NaN is refused
+    # as not a number above.
+    if sdss["range_threshold"] < 0:
+        raise ValueError(f"sdss.range_threshold must be >= 0, got "
+                         f"{sdss['range_threshold']:g}")
     if sfma["threshold"] < 0:
         raise ValueError(f"sfma.threshold must be >= 0, got {sfma['threshold']:g}")
+    if sfma["kernel_threshold"] < 0:
+        raise ValueError(f"sfma.kernel_threshold must be >= 0, got "
+                         f"{sfma['kernel_threshold']:g}")
     # SPET and SDSS reason about rectified outputs (docs/knobs.md, Settings).
     if not out["relu"]:
         for name, on in (("spet.enabled", spet["enabled"]), ("spet.exact", spet["exact"]),

@@ -35,10 +35,15 @@ def compact(s):
             if spet["check_interval"] != dyve_settings.DEFAULTS["spet"]["check_interval"]:
                 d["check_interval"] = spet["check_interval"]
         out["spet"] = d
-    if s["sdss"]["enabled"]:
-        out["sdss"] = dict(s["sdss"])
-    if s["sfma"]["enabled"]:
-        out["sfma"] = dict(s["sfma"])
+    # The paper's second thresholds are left out at their default, inf (no second test):
+    # the compact form of a setting without them is what it was before they existed, and
+    # json_format takes no bare inf.
+    for knob, second in (("sdss", "range_threshold"), ("sfma", "kernel_threshold")):
+        if s[knob]["enabled"]:
+            d = dict(s[knob])
+            if math.isinf(d[second]):
+                del d[second]
+            out[knob] = d
     return out
 
 

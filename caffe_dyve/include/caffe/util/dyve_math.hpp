@@ -1,15 +1,15 @@
 #ifndef CAFFE_UTIL_DYVE_MATH_HPP_
 #define CAFFE_UTIL_DYVE_MATH_HPP_
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
 
 #include "glog/logging.h"
 
 #include "caffe/util/mkl_alternate.hpp"
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 namespace caffe {
 

@@ -1,10 +1,10 @@
-#include <algorithm>
-
 #include "caffe/util/dyve_math.hpp"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+#include <algorithm>
 
 namespace caffe {
 

@@ -100,7 +100,7 @@ prototxt: build
 # source package (SHA-256-checked on every use), converted to Caffe in build/resnet34/,
 # checked against dlib itself on the shared photos (reports/resnet34/conversion_check.json),
 # then tuned on half of them and measured on the other half (reports/resnet34/).
-# RESNET34_DYVE=0 stops after the check (about 5 min; the DyVE part about 40 more).
+# RESNET34_DYVE=0 stops after the check (about 5 min; the DyVE part about 20 more).
 .PHONY: resnet34
 RESNET34_DYVE ?= 1
 RESNET34_IMAGES := $(SHARED_DATA)/imagenet-sample-dev

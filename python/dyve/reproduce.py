@@ -123,7 +123,7 @@ def main(argv=None):
     parser.add_argument("--skip-resnet34", action="store_true",
                         default=os.environ.get("SKIP_RESNET34", "") not in ("", "0"),
                         help="leave out dlib's ResNet-34 row (env SKIP_RESNET34=1): about "
-                             "40 min on 2 cores (docs/resnet34.md)")
+                             "25 min on 2 cores (docs/resnet34.md)")
     options = parser.parse_args(argv)
 
     started = time.time()

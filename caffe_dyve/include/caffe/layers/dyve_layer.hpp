@@ -106,10 +106,13 @@ bool DyveKnobsOn(const DyveParameter& param);
 template <typename Dtype>
 void CheckExactModeInput(const Dtype* data, int count, const char* type,
     const LayerParameter& param, int bottom_index) {
-  const Dtype lowest = *std::min_element(data, data + count);
-  CHECK_GE(lowest, 0) << type << " layer '" << param.name()
+  // The first value that is not >= 0: a NaN anywhere fails too (a minimum
+  // misses it unless it comes first, since NaN compares false both ways).
+  const Dtype* bad = std::find_if(data, data + count,
+      [](Dtype value) { return !(value >= 0); });
+  CHECK(bad == data + count) << type << " layer '" << param.name()
       << "': dyve_param.spet.exact needs non-negative inputs, but bottom '"
-      << param.bottom(bottom_index) << "' has " << lowest
+      << param.bottom(bottom_index) << "' has " << *bad
       << "; use exact mode only on layers whose input is rectified";
 }
 

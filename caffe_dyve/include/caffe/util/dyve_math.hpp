@@ -39,6 +39,14 @@ inline double Dot(int n, const double* x, const double* y) {
   return cblas_ddot(n, x, 1, y, 1);
 }
 
+/// Whether the dispatchers below may run a SIMD kernel: the CPU has its
+/// instruction set and the environment variable DYVE_SIMD is not "portable",
+/// which forces the portable code (so tests cover both paths on any CPU).
+/// Read once per process.
+bool DyveUseAvx();
+bool DyveUseAvx2();
+bool DyveUseAvx2Fma();
+
 #if defined(__x86_64__)
 // The SIMD versions, for the dispatchers below only: they run only where the
 // CPU has the instruction set named in their suffix.
@@ -53,9 +61,7 @@ void GatherRunsAvx(const float* corner, const int* channel_offset,
 /// speed than one BLAS dot call each.
 inline void Dot4(int n, const float* x, const float* const* w, float* out) {
 #if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma");
-  if (avx2) {
+  if (DyveUseAvx2Fma()) {
     Dot4Avx2(n, x, w, out);
     return;
   }
@@ -70,8 +76,7 @@ inline void Dot4(int n, const double* x, const double* const* w,
 /// The largest of the n >= 1 values x.
 inline float MaxOf(int n, const float* x) {
 #if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return MaxAvx2(n, x);
+  if (DyveUseAvx2()) return MaxAvx2(n, x);
 #endif
   return *std::max_element(x, x + n);
 }
@@ -130,8 +135,7 @@ inline void GatherRunsPortable(const Dtype* corner, const int* channel_offset,
 inline void GatherRuns(const float* corner, const int* channel_offset,
     int channels, int kernel_rows, int row_step, int width, float* row) {
 #if defined(__x86_64__)
-  static const bool avx = __builtin_cpu_supports("avx");
-  if (avx) {
+  if (DyveUseAvx()) {
     GatherRunsAvx(corner, channel_offset, channels, kernel_rows, row_step,
         width, row);
     return;

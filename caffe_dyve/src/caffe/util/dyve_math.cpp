@@ -5,8 +5,39 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 namespace caffe {
+
+namespace {
+
+bool PortableForced() {
+  const char* simd = std::getenv("DYVE_SIMD");
+  return simd != NULL && std::string(simd) == "portable";
+}
+
+}  // namespace
+
+#if defined(__x86_64__)
+bool DyveUseAvx() {
+  static const bool use = !PortableForced() && __builtin_cpu_supports("avx");
+  return use;
+}
+bool DyveUseAvx2() {
+  static const bool use = !PortableForced() && __builtin_cpu_supports("avx2");
+  return use;
+}
+bool DyveUseAvx2Fma() {
+  static const bool use = !PortableForced() && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma");
+  return use;
+}
+#else
+bool DyveUseAvx() { return false; }
+bool DyveUseAvx2() { return false; }
+bool DyveUseAvx2Fma() { return false; }
+#endif
 
 #if defined(__x86_64__)
 

@@ -65,6 +65,10 @@ def read_net_param(path, what="--model"):
         if layer.type not in known:
             raise InputError(f"{what}: {path}: layer '{layer.name}' has type "
                              f"'{layer.type}', which this Caffe does not know")
+        if layer.HasField("dyve_param") and layer.type not in dyve_settings.DYVE_TYPES:
+            raise InputError(f"{what}: {path}: {layer.type} layer '{layer.name}' has a "
+                             "dyve_param, which only DyveConvolution and DyveInnerProduct "
+                             "layers read; remove it or use the DyVE layer type")
     return param
 
 

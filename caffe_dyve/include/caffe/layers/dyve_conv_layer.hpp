@@ -104,7 +104,8 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   void EvaluateGridPositions(const DyveNeuronPlan<Dtype>& plan,
       Dtype* group_output, ImageWork* work) const;
   /// SDSS: fills every other position of the group from its grid neighbours
-  /// when they are all insignificant, else computes it.
+  /// when they are all insignificant (and, with a finite range_threshold,
+  /// their range is small), else computes it.
   void FillSdssPositions(const DyveNeuronPlan<Dtype>& plan,
       Dtype* group_output, ImageWork* work) const;
   /// Copies one group's input maps into work->padded, zero padding included,
@@ -117,6 +118,10 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   void GatherRow(int p, Dtype* row, const ImageWork* work) const;
 
   std::vector<DyveNeuronPlan<Dtype> > plans_;  // per group, no SFMA maps
+  // SFMA's kernel test (sfma.kernel_threshold), per input channel: whether
+  // its kernel slices are small enough for the map to be replaced. Empty
+  // (every channel may be) with the default inf. Weight-derived.
+  std::vector<bool> sfma_kernel_ok_;
   std::vector<int> tap_offset_;  // padded-input offset of each tap, row-major
   // SFMA: per output position, kind and summed-area table indices (Reshape).
   enum { kInterior = 0, kBorder = 1, kOutside = 2 };

@@ -19,7 +19,8 @@ namespace caffe {
  *
  * Same inner_product_param and learnable blobs as InnerProduct. With SPET
  * on, the prefix of every neuron of the batch is one GEMM over the leading
- * inputs (in significance order) and only the surviving neurons are finished.
+ * inputs (in significance order, or the paper's interleaved one) and only the
+ * surviving neurons are finished.
  * Backward delegates to InnerProduct's gradient (masked by the ReLU) and is
  * refused while a knob is on.
  */

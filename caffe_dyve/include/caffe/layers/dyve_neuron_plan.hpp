@@ -10,8 +10,10 @@ namespace caffe {
 
 /**
  * @brief The neuron-level part of both DyVE layers: evaluates neurons with
- *        SPET (approximate, per-layer or per-output order) and exact mode on
- *        rows of inputs laid out in one fixed column order.
+ *        SPET (approximate, per-layer, interleaved or per-output order) and
+ *        exact mode on rows of inputs laid out in one fixed column order.
+ *        INTERLEAVED is one order per group like PER_LAYER and takes its
+ *        paths.
  *
  * A "row" holds the live inputs of one position (conv: taps of the live
  * channels in the plan's channel order; inner product: the input vector).

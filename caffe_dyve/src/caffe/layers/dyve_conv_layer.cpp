@@ -112,6 +112,25 @@ void DyveConvolutionLayer<Dtype>::RefreshWeightState() {
         group_channels, taps);
     plans_[g].Build(dyve_param_, group_weights, std::vector<bool>());
   }
+  // SFMA's kernel test: per input channel, the largest sum of |w| of its
+  // kernel slices over the outputs of its group.
+  sfma_kernel_ok_.clear();
+  const double kernel_threshold = dyve_param_.sfma().kernel_threshold();
+  if (dyve_param_.sfma().enabled() && std::isfinite(kernel_threshold)) {
+    sfma_kernel_ok_.assign(this->channels_, true);
+    for (int g = 0; g < groups; ++g) {
+      for (int c = 0; c < group_channels; ++c) {
+        double largest = 0;
+        for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
+          const Dtype* w = weights + (o * group_channels + c) * taps;
+          double sum = 0;
+          for (int t = 0; t < taps; ++t) sum += std::fabs(w[t]);
+          largest = std::max(largest, sum);
+        }
+        sfma_kernel_ok_[g * group_channels + c] = largest <= kernel_threshold;
+      }
+    }
+  }
   WeightStateRebuilt(this->blobs_[0]->data()->version());
 }
 
@@ -209,8 +228,9 @@ void DyveConvolutionLayer<Dtype>::FindConstantMaps(const Dtype* input,
   const int map_size =
       this->conv_input_shape_.cpu_data()[1] *
       this->conv_input_shape_.cpu_data()[2];
-  const bool use_range =
-      dyve_param_.sfma().spread() == DyveSfmaParameter_Spread_RANGE;
+  const DyveSfmaParameter_Spread measure = dyve_param_.sfma().spread();
+  const bool use_range = measure == DyveSfmaParameter_Spread_RANGE;
+  const bool kernel_test = !sfma_kernel_ok_.empty();
   DyveEffort& effort = work->effort;
   for (int c = 0; c < channels; ++c) {
     const Dtype* map = input + c * map_size;
@@ -227,11 +247,13 @@ void DyveConvolutionLayer<Dtype>::FindConstantMaps(const Dtype* input,
       for (int i = 0; i < map_size; ++i) {
         squares += (map[i] - mu) * (map[i] - mu);
       }
-      spread = std::sqrt(squares / map_size);
+      spread = squares / map_size;  // VARIANCE
+      if (measure == DyveSfmaParameter_Spread_STD) spread = std::sqrt(spread);
     }
     effort.ops_sfma += 3 * map_size + 1;
     work->mean[c] = mu;
-    work->constant[c] = spread <= dyve_param_.sfma().threshold();
+    work->constant[c] = spread <= dyve_param_.sfma().threshold() &&
+        (!kernel_test || sfma_kernel_ok_[c]);
     effort.sfma_maps += work->constant[c];
   }
 }
@@ -350,6 +372,54 @@ void DyveConvolutionLayer<Dtype>::EvaluateGridPositions(
   }
 }
 
+namespace {
+
+// SDSS's tests of position p over a group's outputs (maps of `positions`
+// values). Branch-free over the outputs (which neurons are significant follows
+// no pattern): every neighbour is read, the compares are counted up to the
+// first significant one, as the sequential test would make them. With
+// kRangeTest, an output whose neighbours are all insignificant is filled only
+// if also their max - min is <= range_threshold (each such test counted in
+// *range_tests). Writes each output's fill at p (overwritten when the neuron
+// is computed) and the outputs to compute to `computed`; returns how many.
+template <typename Dtype, bool kRangeTest>
+int TestSdssPosition(Dtype* group_output, int positions, int p,
+    const int* offset, int neighbours, int group_outputs, Dtype threshold,
+    Dtype range_threshold, bool fill_mean, int* computed, uint64_t* compares,
+    uint64_t* range_tests) {
+  int count = 0;
+  uint64_t made_total = 0, tested = 0;
+  for (int o = 0; o < group_outputs; ++o) {
+    const Dtype* map = group_output + o * positions;
+    Dtype sum = 0, low = map[offset[0]], high = low;
+    int made = 0, still_quiet = 1;
+    for (int k = 0; k < neighbours; ++k) {
+      const Dtype value = map[offset[k]];
+      made += still_quiet;
+      still_quiet &= !(value > threshold);
+      sum += value;
+      if (kRangeTest) {
+        low = std::min(low, value);
+        high = std::max(high, value);
+      }
+    }
+    made_total += made;
+    int fill = still_quiet;
+    if (kRangeTest) {
+      tested += still_quiet;
+      fill &= (high - low <= range_threshold);
+    }
+    group_output[o * positions + p] = fill_mean ? sum / neighbours : Dtype(0);
+    computed[count] = o;
+    count += !fill;
+  }
+  *compares += made_total;
+  *range_tests += tested;
+  return count;
+}
+
+}  // namespace
+
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::FillSdssPositions(
     const DyveNeuronPlan<Dtype>& plan, Dtype* group_output,
@@ -361,6 +431,8 @@ void DyveConvolutionLayer<Dtype>::FillSdssPositions(
   const uint64_t fan_in = this->blobs_[0]->count(1);
   const int sample = dyve_param_.sdss().stride();
   const Dtype threshold = dyve_param_.sdss().threshold();
+  const Dtype range_threshold = dyve_param_.sdss().range_threshold();
+  const bool range_test = std::isfinite(range_threshold);  // inf: none
   const bool fill_mean =
       dyve_param_.sdss().fill() == DyveSdssParameter_Fill_MEAN;
   DyveEffort& effort = work->effort;
@@ -385,30 +457,18 @@ void DyveConvolutionLayer<Dtype>::FillSdssPositions(
         offset[i * nx + j] = ys[i] * out_width + xs[j];
       }
     }
-    // Branch-free over the outputs (which neurons are significant follows
-    // no pattern): every neighbour is read, the compares are counted up to
-    // the first significant one, as the sequential test would make them.
-    int count = 0;
-    uint64_t compares = 0;
-    for (int o = 0; o < group_outputs; ++o) {
-      const Dtype* map = group_output + o * positions;
-      Dtype sum = 0;
-      int made = 0, still_quiet = 1;
-      for (int k = 0; k < neighbours; ++k) {
-        const Dtype value = map[offset[k]];
-        made += still_quiet;
-        still_quiet &= !(value > threshold);
-        sum += value;
-      }
-      compares += made;
-      // The fill, overwritten below when the neuron is computed.
-      group_output[o * positions + p] =
-          fill_mean ? sum / neighbours : Dtype(0);
-      computed[count] = o;
-      count += !still_quiet;
-    }
+    uint64_t compares = 0, range_tests = 0;
+    const int count = range_test ?
+        TestSdssPosition<Dtype, true>(group_output, positions, p, offset,
+            neighbours, group_outputs, threshold, range_threshold, fill_mean,
+            computed.data(), &compares, &range_tests) :
+        TestSdssPosition<Dtype, false>(group_output, positions, p, offset,
+            neighbours, group_outputs, threshold, range_threshold, fill_mean,
+            computed.data(), &compares, &range_tests);
     const int filled = group_outputs - count;
-    effort.ops_sdss += compares;
+    // The range test: max and min over the neighbours, the subtraction and
+    // the compare.
+    effort.ops_sdss += compares + range_tests * 2 * neighbours;
     effort.sdss_filled += filled;
     effort.macs_skipped_sdss += static_cast<uint64_t>(filled) * fan_in;
     if (fill_mean) {

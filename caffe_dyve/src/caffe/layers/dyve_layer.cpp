@@ -122,9 +122,10 @@ std::string ValidateDyveParameter(const DyveParameter& param,
     error << where << "dyve_param.spet.gate BOUND gates approximate SPET, so "
           << "it needs dyve_param.spet.enabled: true";
   } else if (spet.gate() == DyveSpetParameter_Gate_BOUND &&
-             spet.ordering() != DyveSpetParameter_Ordering_PER_LAYER) {
+             spet.ordering() == DyveSpetParameter_Ordering_PER_OUTPUT) {
     error << where << "dyve_param.spet.gate BOUND needs "
-          << "dyve_param.spet.ordering PER_LAYER";
+          << "dyve_param.spet.ordering PER_LAYER or INTERLEAVED (one channel "
+          << "order per group)";
   } else if (spet.gate() == DyveSpetParameter_Gate_BOUND && !is_convolution) {
     error << where << "dyve_param.spet.gate BOUND applies to convolutions only "
           << "(an inner product's bound would cost as much as its rest)";
@@ -138,6 +139,9 @@ std::string ValidateDyveParameter(const DyveParameter& param,
   } else if (!(param.sdss().threshold() >= 0)) {
     error << where << "dyve_param.sdss.threshold must be >= 0, got "
           << param.sdss().threshold();
+  } else if (!(param.sdss().range_threshold() >= 0)) {
+    error << where << "dyve_param.sdss.range_threshold must be >= 0 (inf: no "
+          << "range test), got " << param.sdss().range_threshold();
   } else if (param.sdss().enabled() && !param.relu()) {
     error << where << "dyve_param.sdss needs a rectified output (its "
           << "significance test reads post-ReLU values), so set "
@@ -145,6 +149,9 @@ std::string ValidateDyveParameter(const DyveParameter& param,
   } else if (!(param.sfma().threshold() >= 0)) {
     error << where << "dyve_param.sfma.threshold must be >= 0, got "
           << param.sfma().threshold();
+  } else if (!(param.sfma().kernel_threshold() >= 0)) {
+    error << where << "dyve_param.sfma.kernel_threshold must be >= 0 (inf: no "
+          << "kernel test), got " << param.sfma().kernel_threshold();
   }
   return error.str();
 }

@@ -21,6 +21,14 @@ std::vector<int> OrderBySignificance(const std::vector<double>& significance) {
   return order;
 }
 
+// The paper's order (INTERLEAVED): odd-indexed channels, then even ones.
+std::vector<int> InterleavedOrder(int channels) {
+  std::vector<int> order;
+  for (int c = 1; c < channels; c += 2) order.push_back(c);
+  for (int c = 0; c < channels; c += 2) order.push_back(c);
+  return order;
+}
+
 // The number of prefix channels: ceil(f * C) with a tolerance so that a float
 // f such as 0.3f gives the same count as the decimal 0.3; at least one.
 int PrefixChannels(float fraction, int channels) {
@@ -54,7 +62,10 @@ void DyveNeuronPlan<Dtype>::ComputeOrders(const DyveParameter& param,
       output_order_[o] = OrderBySignificance(significance);
     }
   }
-  if (spet && !per_output) {
+  if (spet && param.spet().ordering() ==
+      DyveSpetParameter_Ordering_INTERLEAVED) {
+    layer_order_ = InterleavedOrder(channels);
+  } else if (spet && !per_output) {
     layer_order_ = OrderBySignificance(layer_significance);
   } else {
     layer_order_.resize(channels);

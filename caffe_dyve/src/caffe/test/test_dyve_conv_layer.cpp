@@ -740,6 +740,12 @@ TYPED_TEST(DyveConvolutionLayerTest, TestInvalidSettingsNameLayerAndField) {
      "spet.ordering"},
     {"relu: true spet { enabled: true gate: BOUND bound_scale: -1 }",
      "spet.bound_scale"},
+    {"relu: true sdss { enabled: true range_threshold: -1 }",
+     "sdss.range_threshold"},
+    {"sdss { range_threshold: nan }", "sdss.range_threshold"},
+    {"sfma { enabled: true kernel_threshold: -0.5 }", "sfma.kernel_threshold"},
+    {"sfma { kernel_threshold: -inf }", "sfma.kernel_threshold"},
+    {"sfma { enabled: true kernel_threshold: nan }", "sfma.kernel_threshold"},
   };
   for (int i = 0; i < sizeof(cases) / sizeof(cases[0]); ++i) {
     DyveParameter bad;
@@ -765,6 +771,20 @@ TYPED_TEST(DyveConvolutionLayerTest, TestInvalidSettingsNameLayerAndField) {
   good.mutable_spet()->set_exact(true);
   EXPECT_EQ(layer.SetDyveParam(good), "");
   EXPECT_TRUE(layer.dyve_param().spet().exact());
+  // The paper's variants, inf included (the defaults of the new thresholds).
+  const char* accepted[] = {
+    "relu: true spet { enabled: true ordering: INTERLEAVED gate: BOUND }",
+    "relu: true sdss { enabled: true range_threshold: inf }",
+    "relu: true sdss { enabled: true range_threshold: 0 }",
+    "sfma { enabled: true spread: VARIANCE kernel_threshold: inf }",
+    "sfma { enabled: true kernel_threshold: 0 }",
+  };
+  for (int i = 0; i < sizeof(accepted) / sizeof(accepted[0]); ++i) {
+    DyveParameter variant;
+    ASSERT_TRUE(google::protobuf::TextFormat::ParseFromString(accepted[i],
+        &variant));
+    EXPECT_EQ(layer.SetDyveParam(variant), "") << accepted[i];
+  }
 }
 
 TYPED_TEST(DyveConvolutionLayerTest, TestSetUpRefusesBadSettings) {
@@ -880,6 +900,275 @@ TYPED_TEST(DyveConvolutionLayerTest, TestLoadsStockCaffemodel) {
   for (int i = 0; i < stock_out.count(); ++i) {
     EXPECT_NEAR(dyve_out.cpu_data()[i], stock_out.cpu_data()[i], 1e-5);
   }
+}
+
+// The paper's SPET order: odd-indexed channels first, then even ones.
+static std::vector<int> InterleavedOrder(int channels) {
+  std::vector<int> order;
+  for (int c = 1; c < channels; c += 2) order.push_back(c);
+  for (int c = 0; c < channels; c += 2) order.push_back(c);
+  return order;
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSpetInterleavedOrderByHand) {
+  typedef typename TypeParam::Dtype Dtype;
+  const std::vector<int> five = InterleavedOrder(5);
+  const int expected_five[] = {1, 3, 0, 2, 4};
+  ASSERT_EQ(five, std::vector<int>(expected_five, expected_five + 5));
+  const std::vector<ConvShape> shapes = TestShapes();
+  for (int i = 0; i < shapes.size(); ++i) {
+    for (int bound = 0; bound < 2; ++bound) {
+      const ConvShape& s = shapes[i];
+      const Dtype threshold = bound ? 0 : 0.1;
+      // The BOUND gate is a bound for non-negative inputs only.
+      this->FillBottom(s, bound ? 0 : -1, 1);
+      LayerParameter param = this->ConvParam(s);
+      param.mutable_dyve_param()->set_relu(true);
+      DyveSpetParameter* spet = param.mutable_dyve_param()->mutable_spet();
+      spet->set_enabled(true);
+      spet->set_fraction(0.5);
+      spet->set_threshold(threshold);
+      spet->set_ordering(DyveSpetParameter_Ordering_INTERLEAVED);
+      if (bound) {
+        spet->set_gate(DyveSpetParameter_Gate_BOUND);
+        spet->set_bound_scale(1);
+      }
+      DyveConvolutionLayer<Dtype> layer(param);
+      layer.SetUp(this->bottom_vec_, this->top_vec_);
+      this->RefillWeights(&layer);
+      layer.Forward(this->bottom_vec_, this->top_vec_);
+      if (bound) {
+        // Scale 1, threshold 0: the interleaved prefix changes nothing.
+        this->RunStock(s, &layer, true);
+        this->ExpectTopsNear(1e-5);
+      }
+      const int group_channels = s.channels / s.group;
+      const int group_outputs = s.outputs / s.group;
+      const int prefix = (group_channels + 1) / 2;  // ceil(0.5 * C)
+      const int rest = group_channels - prefix;
+      const Dtype* w = layer.blobs()[0]->cpu_data();
+      const int taps = s.kernel_h * s.kernel_w;
+      // Odd channels first, whatever the weights.
+      const std::vector<int> all = InterleavedOrder(group_channels);
+      const std::vector<int> head(all.begin(), all.begin() + prefix);
+      const std::vector<int> tail(all.begin() + prefix, all.end());
+      uint64_t zeroed = 0, ties = 0;
+      const int out_h = this->top_->height(), out_w = this->top_->width();
+      for (int g = 0; g < s.group; ++g) {
+        for (int n = 0; n < s.num; ++n) {
+          for (int o = g * group_outputs; o < (g + 1) * group_outputs; ++o) {
+            const Dtype b = s.bias ? layer.blobs()[1]->cpu_data()[o] : Dtype(0);
+            for (int y = 0; y < out_h; ++y) {
+              for (int x = 0; x < out_w; ++x) {
+                const Dtype partial =
+                    b + this->NeuronSum(s, w, n, o, y, x, head);
+                const Dtype gate = partial + (bound ?
+                    this->RestBound(s, w, n, o, y, x, tail) : Dtype(0));
+                const Dtype full = b + this->NeuronSum(s, w, n, o, y, x, all);
+                const Dtype got = this->top_->data_at(n, o, y, x);
+                if (std::fabs(gate - threshold) < 1e-5) {
+                  ++ties;  // too close to call in float
+                  zeroed += (got == 0);
+                  continue;
+                }
+                if (gate < threshold) {
+                  EXPECT_EQ(got, 0) << "shape " << i;
+                  ++zeroed;
+                } else {
+                  EXPECT_NEAR(got, std::max(full, Dtype(0)), 1e-4);
+                }
+              }
+            }
+          }
+        }
+      }
+      const DyveEffort& e = layer.effort();
+      if (ties == 0) {
+        if (bound) {
+          EXPECT_LE(e.spet_zeroed, zeroed) << "shape " << i;
+        } else {
+          EXPECT_EQ(e.spet_zeroed, zeroed) << "shape " << i;
+        }
+      }
+      EXPECT_GE(e.spet_zeroed + ties, zeroed);
+      if (!bound) {
+        EXPECT_GT(e.spet_zeroed, 0) << "shape " << i;
+      }
+      const uint64_t rows = static_cast<uint64_t>(s.num) * s.group *
+          out_h * out_w;
+      const uint64_t neurons = this->top_->count();
+      EXPECT_EQ(e.ops_spet, bound ? rows * rest * taps + neurons * (rest + 1) :
+          neurons);
+      EXPECT_EQ(e.macs_skipped_spet, e.spet_zeroed * rest * taps);
+      EXPECT_EQ(e.macs_executed, neurons * prefix * taps +
+          (neurons - e.spet_zeroed) * rest * taps);
+      this->ExpectBalanced(e);
+    }
+  }
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSdssRangeThresholdHandMade) {
+  typedef typename TypeParam::Dtype Dtype;
+  // One 4x4 map through a 1x1 identity kernel, grid stride 2: the grid values
+  // 0.1, 0.4 / 0.2, 0.25 are all <= T = 0.5, so the range test decides.
+  // Every other input is 7, which a computed position shows.
+  const ConvShape s = {1, 1, 4, 4, 1, 1, 1, 1, 0, 1, 1, false};
+  this->bottom_->Reshape(1, 1, 4, 4);
+  const Dtype input[] = {0.1, 7, 0.4,  7,
+                         7,   7, 7,    7,
+                         0.2, 7, 0.25, 7,
+                         7,   7, 7,    7};
+  std::copy(input, input + 16, this->bottom_->mutable_cpu_data());
+  // range_threshold 0.2: (0,1) sees 0.1, 0.4 and (1,1) all four (range 0.3):
+  // computed; the others are filled with the mean of their neighbours.
+  const Dtype filled_02[] = {0.1,  7,     0.4,   0.4,
+                             0.15, 7,     0.325, 0.325,
+                             0.2,  0.225, 0.25,  0.25,
+                             0.2,  0.225, 0.25,  0.25};
+  // range_threshold 0: only positions with one neighbour (range 0).
+  const Dtype filled_0[] = {0.1, 7,   0.4,  0.4,
+                            7,   7,   7,    7,
+                            0.2, 7,   0.25, 0.25,
+                            0.2, 7,   0.25, 0.25};
+  const float range_thresholds[] = {0.2f, 0.f, INFINITY};
+  for (int r = 0; r < 3; ++r) {
+    LayerParameter param = this->ConvParam(s);
+    param.mutable_dyve_param()->set_relu(true);
+    DyveSdssParameter* sdss = param.mutable_dyve_param()->mutable_sdss();
+    sdss->set_enabled(true);
+    sdss->set_stride(2);
+    sdss->set_threshold(0.5);
+    if (r < 2) sdss->set_range_threshold(range_thresholds[r]);
+    EXPECT_TRUE(std::isinf(param.dyve_param().sdss().range_threshold()) ==
+        (r == 2));  // the proto default is inf
+    DyveConvolutionLayer<Dtype> layer(param);
+    layer.SetUp(this->bottom_vec_, this->top_vec_);
+    layer.blobs()[0]->mutable_cpu_data()[0] = 1;
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+    const DyveEffort& e = layer.effort();
+    // 21 significance compares (all pass); a finite range threshold adds
+    // 2 ops per neighbour tested (21 neighbours in all); MEAN fills add one
+    // op per neighbour of a filled position.
+    if (r == 0) {
+      for (int i = 0; i < 16; ++i) {
+        EXPECT_NEAR(this->top_->cpu_data()[i], filled_02[i], 1e-6) << i;
+      }
+      EXPECT_EQ(e.sdss_filled, 10);
+      EXPECT_EQ(e.ops_sdss, 21 + 42 + 15);
+    } else if (r == 1) {
+      for (int i = 0; i < 16; ++i) {
+        EXPECT_NEAR(this->top_->cpu_data()[i], filled_0[i], 1e-6) << i;
+      }
+      EXPECT_EQ(e.sdss_filled, 5);
+      EXPECT_EQ(e.ops_sdss, 21 + 42 + 5);
+    } else {
+      EXPECT_EQ(e.sdss_filled, 12);  // as without the option
+      EXPECT_EQ(e.ops_sdss, 21 + 21);
+    }
+    EXPECT_EQ(e.macs_skipped_sdss, e.sdss_filled);
+    EXPECT_EQ(e.macs_executed, 16 - e.sdss_filled);
+    this->ExpectBalanced(e);
+  }
+  // A failed significance test makes no range test: with T = 0.3 the 5
+  // positions that see 0.4 stop there (7 compares), the other 7 pass (10
+  // compares, 2 x 10 range ops) and are filled (10 mean ops).
+  LayerParameter param = this->ConvParam(s);
+  param.mutable_dyve_param()->set_relu(true);
+  DyveSdssParameter* sdss = param.mutable_dyve_param()->mutable_sdss();
+  sdss->set_enabled(true);
+  sdss->set_threshold(0.3);
+  sdss->set_range_threshold(0.2);
+  DyveConvolutionLayer<Dtype> layer(param);
+  layer.SetUp(this->bottom_vec_, this->top_vec_);
+  layer.blobs()[0]->mutable_cpu_data()[0] = 1;
+  layer.Forward(this->bottom_vec_, this->top_vec_);
+  EXPECT_EQ(layer.effort().sdss_filled, 7);
+  EXPECT_EQ(layer.effort().ops_sdss, 7 + 10 + 20 + 10);
+}
+
+TYPED_TEST(DyveConvolutionLayerTest, TestSfmaVarianceAndKernelThreshold) {
+  typedef typename TypeParam::Dtype Dtype;
+  // VARIANCE is the STD squared: one 1 in a 4x4 map of zeros has variance
+  // 15/256 (0.059) and std 0.242; a map of 2s has 0.
+  {
+    const ConvShape s = {1, 2, 4, 4, 1, 3, 3, 1, 0, 1, 1, false};
+    this->bottom_->Reshape(1, 2, 4, 4);
+    Dtype* data = this->bottom_->mutable_cpu_data();
+    std::fill(data, data + 16, Dtype(0));
+    data[0] = 1;
+    std::fill(data + 16, data + 32, Dtype(2));
+    for (int spread = 0; spread < 3; ++spread) {
+      LayerParameter param = this->ConvParam(s);
+      DyveSfmaParameter* sfma = param.mutable_dyve_param()->mutable_sfma();
+      sfma->set_enabled(true);
+      sfma->set_threshold(0.1);
+      sfma->set_spread(spread == 0 ? DyveSfmaParameter_Spread_RANGE :
+          spread == 1 ? DyveSfmaParameter_Spread_STD :
+          DyveSfmaParameter_Spread_VARIANCE);
+      DyveConvolutionLayer<Dtype> layer(param);
+      layer.SetUp(this->bottom_vec_, this->top_vec_);
+      layer.Forward(this->bottom_vec_, this->top_vec_);
+      EXPECT_EQ(layer.effort().sfma_maps, spread == 2 ? 2 : 1) << spread;
+      // The statistics cost the same whatever the measure.
+      const uint64_t table = spread == 2 ? 9 * 2 + 9 : 9 + 9;
+      EXPECT_EQ(layer.effort().ops_sfma, 2 * (3 * 16 + 1) + table + 4);
+    }
+  }
+  // The kernel test: two constant maps, 2 outputs. The largest sum of |w| of
+  // channel 0's slices is 2 (o1), of channel 1's 2.25 (o0).
+  const ConvShape s = {2, 2, 5, 5, 2, 3, 3, 1, 1, 1, 1, true};
+  this->bottom_->Reshape(2, 2, 5, 5);
+  for (int n = 0; n < 2; ++n) {
+    Dtype* map = this->bottom_->mutable_cpu_data() + this->bottom_->offset(n);
+    std::fill(map, map + 25, Dtype(0.75));
+    std::fill(map + 25, map + 50, Dtype(-1.5));
+  }
+  std::vector<Dtype> weights(2 * 2 * 9, Dtype(0));
+  weights[(0 * 2 + 0) * 9 + 0] = 0.5;   // o0, c0: 1 in all
+  weights[(0 * 2 + 0) * 9 + 4] = -0.5;
+  weights[(1 * 2 + 0) * 9 + 2] = -2;    // o1, c0: 2
+  weights[(0 * 2 + 1) * 9 + 0] = 2.25;  // o0, c1: 2.25
+  weights[(1 * 2 + 1) * 9 + 8] = 0.25;  // o1, c1: 0.25
+  const float kernel_thresholds[] = {1.999f, 2.f, 2.249f, 2.25f, INFINITY};
+  const int maps[] = {0, 2, 2, 4, 4};  // two images
+  LayerParameter param = this->ConvParam(s);
+  DyveSfmaParameter* sfma = param.mutable_dyve_param()->mutable_sfma();
+  sfma->set_enabled(true);
+  sfma->set_threshold(0);
+  DyveConvolutionLayer<Dtype> layer(param);
+  layer.SetUp(this->bottom_vec_, this->top_vec_);
+  std::copy(weights.begin(), weights.end(),
+      layer.blobs()[0]->mutable_cpu_data());
+  for (int k = 0; k < 5; ++k) {
+    // New settings on the live layer rebuild the table.
+    DyveParameter dyve = layer.dyve_param();
+    dyve.mutable_sfma()->set_kernel_threshold(kernel_thresholds[k]);
+    ASSERT_EQ(layer.SetDyveParam(dyve), "");
+    layer.ResetEffort();
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+    this->RunStock(s, &layer, false);
+    this->ExpectTopsNear(1e-5);  // constant maps: SFMA is exact
+    const DyveEffort& e = layer.effort();
+    EXPECT_EQ(e.sfma_maps, maps[k]) << kernel_thresholds[k];
+    EXPECT_EQ(e.macs_skipped_sfma, 2 * 2 * 25 * 9 * (maps[k] / 2));
+    // No per-image cost of the kernel test: statistics for every map, then
+    // the table and per-neuron ops only where a map is replaced.
+    const int per_image = maps[k] / 2;
+    const uint64_t ops = 2 * 2 * (3 * 25 + 1) + (per_image ?
+        2 * 2 * (per_image * 9 + 9) + 2 * 2 * (9 + 16 * 4) : 0);
+    EXPECT_EQ(e.ops_sfma, ops) << kernel_thresholds[k];
+    this->ExpectBalanced(e);
+  }
+  // New weights rebuild it too: channel 1's largest slice sum now 1.
+  layer.blobs()[0]->mutable_cpu_data()[(0 * 2 + 1) * 9 + 0] = 1;
+  DyveParameter dyve = layer.dyve_param();
+  dyve.mutable_sfma()->set_kernel_threshold(2);
+  ASSERT_EQ(layer.SetDyveParam(dyve), "");
+  layer.Forward(this->bottom_vec_, this->top_vec_);
+  layer.ResetEffort();
+  layer.blobs()[0]->mutable_cpu_data()[(1 * 2 + 0) * 9 + 2] = -3;  // c0: 3
+  layer.Forward(this->bottom_vec_, this->top_vec_);
+  EXPECT_EQ(layer.effort().sfma_maps, 2);  // channel 1 only, in both images
 }
 
 }  // namespace caffe

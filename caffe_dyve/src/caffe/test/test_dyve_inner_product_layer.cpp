@@ -191,4 +191,38 @@ TYPED_TEST(DyveInnerProductLayerTest, TestRefusesConvolutionKnobs) {
       std::string::npos);
 }
 
+// Five inputs, f = 0.5 -> P = 3: the paper's order puts inputs {1, 3, 0}
+// first whatever the weights (by summed |W| the prefix would be {2, 1, 3}).
+TYPED_TEST(DyveInnerProductLayerTest, TestSpetInterleavedHandMade) {
+  typedef typename TypeParam::Dtype Dtype;
+  this->bottom_->Reshape(1, 5, 1, 1);
+  std::fill(this->bottom_->mutable_cpu_data(),
+      this->bottom_->mutable_cpu_data() + 5, Dtype(1));
+  const Dtype weights[] = {1, -2, 5, -2, 0,
+                           1, 1, -1, 1, 0};
+  for (int interleaved = 0; interleaved < 2; ++interleaved) {
+    LayerParameter param = this->IpParam(2, false, false);
+    param.mutable_dyve_param()->set_relu(true);
+    DyveSpetParameter* spet = param.mutable_dyve_param()->mutable_spet();
+    spet->set_enabled(true);
+    if (interleaved) {
+      spet->set_ordering(DyveSpetParameter_Ordering_INTERLEAVED);
+    }
+    DyveInnerProductLayer<Dtype> layer(param);
+    layer.SetUp(this->bottom_vec_, this->top_vec_);
+    std::copy(weights, weights + 10, layer.blobs()[0]->mutable_cpu_data());
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+    // Interleaved: neuron 0's prefix 1 - 2 - 2 = -3 < 0 is zeroed (its full
+    // sum is 2); neuron 1's prefix is 3, then -1. Per layer both prefixes
+    // (5 - 2 - 2, -1 + 1 + 1) are 1: both go on to 2.
+    EXPECT_EQ(this->top_->cpu_data()[0], interleaved ? 0 : 2);
+    EXPECT_EQ(this->top_->cpu_data()[1], 2);
+    const DyveEffort& e = layer.effort();
+    EXPECT_EQ(e.spet_zeroed, interleaved ? 1 : 0);
+    EXPECT_EQ(e.macs_executed, interleaved ? 8 : 10);
+    EXPECT_EQ(e.macs_skipped_spet, interleaved ? 2 : 0);
+    EXPECT_EQ(e.ops_spet, 2);
+  }
+}
+
 }  // namespace caffe

@@ -86,6 +86,17 @@ def random_case(rng):
     settings["spet"]["bound_scale"] = float(rng.choice([0.0, 0.25, 1.0]))
     if settings["spet"]["enabled"] and rng.rand() < 0.5:
         settings["spet"].update(gate="BOUND", ordering="PER_LAYER")
+    # The paper's variants (drawn after the rest, so the draws above are unchanged).
+    if rng.rand() < 0.35:
+        settings["spet"]["ordering"] = "INTERLEAVED"      # with either gate
+    if rng.rand() < 0.5:
+        settings["sdss"]["range_threshold"] = float(rng.choice([0.0, rng.uniform(0, 0.3)]))
+    if rng.rand() < 0.3:
+        settings["sfma"]["spread"] = "VARIANCE"
+        settings["sfma"]["threshold"] = float(rng.uniform(0, 0.002))
+    if rng.rand() < 0.5:
+        # around the kernels' sums of |w| (weights ~ N(0, 0.5): 0.4 per tap on average)
+        settings["sfma"]["kernel_threshold"] = float(rng.uniform(0.2, 0.8) * kernel[0] * kernel[1])
     return shape, geo, x.astype(np.float32), settings
 
 
@@ -107,7 +118,7 @@ def expect_same(cpp_out, cpp_effort, oracle_out, oracle_effort):
     assert cpp_effort == oracle_effort
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_conv_matches_oracle_on_random_cases(tmp_path, seed):
     rng = np.random.RandomState(seed)
     shape, geo, x, settings = random_case(rng)
@@ -122,7 +133,7 @@ def test_conv_matches_oracle_on_random_cases(tmp_path, seed):
     expect_same(cpp_out, cpp_effort, oracle_out, oracle_effort)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_inner_product_matches_oracle(tmp_path, seed):
     rng = np.random.RandomState(100 + seed)
     shape = (int(rng.randint(1, 5)), int(rng.randint(1, 4)), 3, 3)
@@ -132,6 +143,8 @@ def test_inner_product_matches_oracle(tmp_path, seed):
                          "threshold": float(rng.uniform(-0.2, 0.3)),
                          "ordering": str(rng.choice(["PER_LAYER", "PER_OUTPUT"])),
                          "exact": exact, "check_interval": int(rng.choice([1, 4]))}}
+    if rng.rand() < 0.4:
+        settings["spet"]["ordering"] = "INTERLEAVED"
     net = ip_net(tmp_path, shape, outputs, settings, transpose)
     x = rng.uniform(0 if exact else -1, 1, shape).astype(np.float32)
     weights = rng.normal(0, 0.5, net.params["fc"][0].data.shape).astype(np.float32)
@@ -142,6 +155,96 @@ def test_inner_product_matches_oracle(tmp_path, seed):
     net.forward()
     oracle_out, oracle_effort = pylayers.ip_forward(x, weights, bias, settings, transpose=transpose)
     expect_same(net.blobs["fc"].data, live.effort(net, "fc"), oracle_out, oracle_effort)
+
+
+def test_random_cases_draw_the_paper_variants():
+    """The random cases above do exercise each new option (and its default)."""
+    drawn = [random_case(np.random.RandomState(seed))[3] for seed in range(60)]
+
+    def count(test):
+        return sum(1 for st in drawn if test(st))
+    assert count(lambda st: st["spet"]["enabled"] and st["spet"]["ordering"] == "INTERLEAVED") >= 5
+    assert count(lambda st: st["spet"].get("gate") == "BOUND" and st["spet"]["ordering"] == "INTERLEAVED") >= 2
+    assert count(lambda st: st["sdss"]["enabled"] and "range_threshold" in st["sdss"]) >= 5
+    assert count(lambda st: st["sfma"]["enabled"] and st["sfma"]["spread"] == "VARIANCE") >= 5
+    assert count(lambda st: st["sfma"]["enabled"] and "kernel_threshold" in st["sfma"]) >= 5
+
+
+def single_conv(tmp_path, x, weights, bias, settings, pad=0, name="hand.prototxt"):
+    geo = dict(num_output=weights.shape[0], kernel_size=list(weights.shape[2:]), stride=1,
+               pad=pad, dilation=1, group=1, bias_term=bias is not None)
+    net = conv_net(tmp_path, x.shape, geo, settings, name=name)
+    cpp_out, cpp_effort = run_conv(net, x.astype(np.float32), weights.astype(np.float32),
+                                   None if bias is None else bias.astype(np.float32))
+    oracle_out, oracle_effort = pylayers.conv_forward(x, weights, bias, geo, settings)
+    expect_same(cpp_out, cpp_effort, oracle_out, oracle_effort)
+    return cpp_out, cpp_effort
+
+
+def test_paper_variants_hand_cases(tmp_path):
+    """The hand-counted cases of test_pylayers, through the C++ layer."""
+    # SDSS: a 4x4 map where the range test decides (see test_pylayers).
+    x = np.full((1, 1, 4, 4), 7.0)
+    for (y, x_), value in {(0, 0): 0.1, (0, 2): 0.4, (2, 0): 0.2, (2, 2): 0.25}.items():
+        x[0, 0, y, x_] = value
+    one = np.ones((1, 1, 1, 1))
+    base = {"relu": True, "sdss": {"enabled": True, "stride": 2, "threshold": 0.5}}
+    _, effort = single_conv(tmp_path, x, one, None, base)
+    assert effort["sdss_filled"] == 12 and effort["ops_sdss"] == 42       # as before
+    for range_threshold, filled, ops in ((0.2, 10, 21 + 42 + 15), (0.0, 5, 21 + 42 + 5)):
+        st = dict(base, sdss=dict(base["sdss"], range_threshold=range_threshold))
+        out, effort = single_conv(tmp_path, x, one, None, st)
+        assert effort["sdss_filled"] == filled and effort["ops_sdss"] == ops
+    assert out[0, 0, 0, 1] == 7 and out[0, 0, 1, 1] == 7
+
+    # SFMA: channel kernels whose largest sum of |w| is just under / over the threshold.
+    w = np.zeros((2, 2, 3, 3))
+    w[0, 0, 0, 0], w[0, 0, 1, 1], w[1, 0, 0, 2] = 0.5, -0.5, -2.0      # K[0] = 2.0
+    w[0, 1, 0, 0], w[1, 1, 2, 2] = 2.25, 0.25                          # K[1] = 2.25
+    x = np.empty((2, 2, 5, 5))
+    x[:, 0], x[:, 1] = 0.75, -1.5
+    for kernel_threshold, maps in ((1.999, 0), (2.0, 2), (2.249, 2), (2.25, 4), (np.inf, 4)):
+        st = {"sfma": {"enabled": True, "threshold": 0.0, "kernel_threshold": kernel_threshold}}
+        _, effort = single_conv(tmp_path, x, w, np.array([0.5, -0.25]), st, pad=1)
+        assert effort["sfma_maps"] == maps
+    # VARIANCE: 15/256 for one 1.0 in a 4x4 map of zeros, over the STD threshold 0.1.
+    x = np.zeros((1, 2, 4, 4))
+    x[0, 0, 0, 0], x[0, 1] = 1.0, 2.0
+    for spread, maps in (("STD", 1), ("VARIANCE", 2)):
+        _, effort = single_conv(tmp_path, x, np.ones((1, 2, 3, 3)), None,
+                                {"sfma": {"enabled": True, "threshold": 0.1, "spread": spread}})
+        assert effort["sfma_maps"] == maps
+
+    # INTERLEAVED on 5 channels: the prefix is {1, 3, 0} (f = 0.5), with either gate.
+    rng = np.random.RandomState(21)
+    x = np.maximum(rng.standard_normal((2, 5, 6, 6)), 0)
+    w = rng.standard_normal((4, 5, 3, 3))
+    b = rng.standard_normal(4) - 0.5
+    st = {"relu": True, "spet": {"enabled": True, "fraction": 0.5, "ordering": "INTERLEAVED"}}
+    out, effort = single_conv(tmp_path, x, w, b, st, pad=1)
+    partial, _ = pylayers.conv_forward(x, w * np.array([1, 1, 0, 1, 0])[None, :, None, None],
+                                       b, {"pad": 1}, {})
+    assert effort["spet_zeroed"] == int((partial < 0).sum()) > 0
+    st["spet"].update(gate="BOUND", bound_scale=1.0)
+    out, effort = single_conv(tmp_path, x, w, b, st, pad=1)
+    dense, _ = pylayers.conv_forward(x, w, b, {"pad": 1}, {"relu": True})
+    np.testing.assert_allclose(out, dense, rtol=1e-4, atol=1e-4)     # s = 1: exact
+    assert effort["spet_zeroed"] > 0
+
+
+def test_inner_product_interleaved_hand_case(tmp_path):
+    settings = {"relu": True, "spet": {"enabled": True, "fraction": 0.5, "ordering": "INTERLEAVED"}}
+    net = ip_net(tmp_path, (1, 5), 2, settings)
+    weights = np.array([[1.0, -2.0, 5.0, -2.0, 0.0], [1.0, 1.0, -1.0, 1.0, 0.0]], np.float32)
+    net.blobs["x"].data[...] = 1.0
+    net.params["fc"][0].data[...] = weights
+    net.params["fc"][1].data[...] = 0.0
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["fc"].data, [[0, 2]])
+    effort = live.effort(net, "fc")
+    assert effort["spet_zeroed"] == 1 and effort["macs_executed"] == 8
+    oracle_out, oracle_effort = pylayers.ip_forward(np.ones((1, 5)), weights, np.zeros(2), settings)
+    expect_same(net.blobs["fc"].data, effort, oracle_out, oracle_effort)
 
 
 def cifar_images(count):

@@ -255,7 +255,7 @@ def test_spet_prefix_size_ceil_rule():
     assert pylayers.prefix_size(1.0, 7) == 7
 
 
-@pytest.mark.parametrize("ordering", ["PER_LAYER", "PER_OUTPUT"])
+@pytest.mark.parametrize("ordering", ["PER_LAYER", "PER_OUTPUT", "INTERLEAVED"])
 @pytest.mark.parametrize("threshold", [0.0, 0.7])
 def test_spet_zeroes_exactly_the_predicted_neurons(ordering, threshold):
     """Conv with groups: zeroed <=> prefix partial sum (bias included) < T, the rest exact."""
@@ -274,6 +274,8 @@ def test_spet_zeroes_exactly_the_predicted_neurons(ordering, threshold):
         score = significance[group_outputs].sum(axis=0) if ordering == "PER_LAYER" \
             else significance[o]
         prefix = np.argsort(-score, kind="stable")[:n_prefix]
+        if ordering == "INTERLEAVED":
+            prefix = [1, 0]                         # odd channels first: 1, then 0, 2
         mask[o, prefix] = 1
     partial, _ = pylayers.conv_forward(x, W * mask, b, geometry, {})
     dense, _ = pylayers.conv_forward(x, W, b, geometry, {})
@@ -288,6 +290,55 @@ def test_spet_zeroes_exactly_the_predicted_neurons(ordering, threshold):
     assert effort["macs_executed"] == (top.size * n_prefix * kk
                                        + (~zeroed).sum() * (c_g - n_prefix) * kk)
     assert effort["macs_skipped_spet"] == zeroed.sum() * (c_g - n_prefix) * kk
+    check_invariant(effort)
+
+
+def test_interleaved_order_is_odd_then_even():
+    spet = settings.normalize({"relu": True, "spet": {"enabled": True,
+                                                      "ordering": "INTERLEAVED"}})["spet"]
+    for n, expected in ((1, [0]), (2, [1, 0]), (5, [1, 3, 0, 2, 4]), (6, [1, 3, 5, 0, 2, 4])):
+        orders = pylayers.channel_orders(np.random.RandomState(n).standard_normal((3, n, 4)),
+                                         spet)
+        assert orders == [expected] * 3
+
+
+# 5 inputs, f = 0.5 -> P = 3. INTERLEAVED prefix {1, 3, 0}, rest {2, 4}; PER_LAYER (summed
+# |W| 2, 3, 6, 3, 0) prefix {2, 1, 3}.
+INTERLEAVED_W = np.array([[1.0, -2.0, 5.0, -2.0, 0.0], [1.0, 1.0, -1.0, 1.0, 0.0]])
+
+
+def test_spet_interleaved_hand_counted():
+    x = np.ones((1, 5))
+    st = {"relu": True, "spet": {"enabled": True, "fraction": 0.5, "ordering": "INTERLEAVED"}}
+    top, effort = pylayers.ip_forward(x, INTERLEAVED_W, None, st)
+    # o0: prefix 1 - 2 - 2 = -3 < 0 -> zeroed (its full sum is 2); o1: prefix 3, + rest -1.
+    np.testing.assert_array_equal(top, [[0, 2]])
+    assert effort["spet_zeroed"] == 1 and effort["ops_spet"] == 2
+    assert effort["macs_executed"] == 3 + 3 + 2 and effort["macs_skipped_spet"] == 2
+    check_invariant(effort)
+    top, _ = pylayers.ip_forward(x, INTERLEAVED_W, None,
+                                 dict(st, spet=dict(st["spet"], ordering="PER_LAYER")))
+    np.testing.assert_array_equal(top, [[2, 2]])   # prefix {2, 1, 3}: 1 >= 0, kept
+
+
+def test_bound_gate_with_interleaved_order():
+    """BOUND works on the INTERLEAVED order as on PER_LAYER (one order per group): the
+    same bound, over the odd-channels-first prefix; at s = 1 it never changes an output."""
+    rng = np.random.RandomState(12)
+    x = np.maximum(rng.standard_normal((2, 5, 6, 6)), 0)
+    W = rng.standard_normal((4, 5, 3, 3))
+    b = rng.standard_normal(4) - 1.0
+    st = bound_settings(ordering="INTERLEAVED")
+    top, effort = pylayers.conv_forward(x, W, b, {"pad": 1}, st)
+    dense, _ = pylayers.conv_forward(x, W, b, {"pad": 1}, RELU)
+    np.testing.assert_allclose(top, dense, atol=1e-12)
+    assert effort["spet_zeroed"] > 0
+    # rest = channels {2, 4}: per neuron 2 U terms + 1 compare; per row 2 * 9 maxima.
+    assert effort["ops_spet"] == top.size * 3 + 2 * 36 * 2 * 9
+    # The prefix channels are 1, 3, 0: the gate is decided on them alone plus the bound.
+    partial, _ = pylayers.conv_forward(x, W * np.array([1, 1, 0, 1, 0])[None, :, None, None],
+                                       b, {"pad": 1}, {})
+    assert effort["spet_zeroed"] <= (partial < 0).sum()
     check_invariant(effort)
 
 
@@ -534,6 +585,58 @@ def test_sdss_last_row_and_column_have_one_neighbour_side():
     check_invariant(effort)
 
 
+# 4x4 map, stride 2, T = 0.5: every grid value is insignificant; the range test decides.
+# Grid (0,0) 0.1, (0,2) 0.4, (2,0) 0.2, (2,2) 0.25; the other inputs are 7.
+SDSS_RANGE_GRID = {(0, 0): 0.1, (0, 2): 0.4, (2, 0): 0.2, (2, 2): 0.25}
+
+
+def sdss_range_input():
+    x = np.full((1, 1, 4, 4), 7.0)
+    for (y, x_), value in SDSS_RANGE_GRID.items():
+        x[0, 0, y, x_] = value
+    return x
+
+
+def test_sdss_range_threshold_hand_counted():
+    st = {"relu": True, "sdss": {"enabled": True, "stride": 2, "threshold": 0.5,
+                                 "range_threshold": 0.2}}
+    top, effort = pylayers.conv_forward(sdss_range_input(), np.ones((1, 1, 1, 1)), None, {}, st)
+    # (0,1) sees 0.1, 0.4 (range 0.3) and (1,1) all four (range 0.3): computed; every
+    # other position has a range <= 0.2 and is filled with its neighbours' mean.
+    np.testing.assert_allclose(top[0, 0], [[0.1, 7, 0.4, 0.4],
+                                           [0.15, 7, 0.325, 0.325],
+                                           [0.2, 0.225, 0.25, 0.25],
+                                           [0.2, 0.225, 0.25, 0.25]], atol=1e-12)
+    assert effort["sdss_filled"] == 10 and effort["macs_skipped_sdss"] == 10
+    assert effort["macs_executed"] == 4 + 2
+    # 21 significance compares (all pass), 2 * 21 for the range tests, and the 10 fills'
+    # neighbours: 21 - 2 - 4 = 15.
+    assert effort["ops_sdss"] == 21 + 2 * 21 + 15
+    check_invariant(effort)
+    # inf (the default): no range test, no count; all 12 filled as before.
+    for range_threshold in (None, float("inf")):
+        sdss = dict(st["sdss"])
+        if range_threshold is None:
+            del sdss["range_threshold"]
+        else:
+            sdss["range_threshold"] = range_threshold
+        top, effort = pylayers.conv_forward(sdss_range_input(), np.ones((1, 1, 1, 1)), None,
+                                            {}, dict(st, sdss=sdss))
+        assert effort["sdss_filled"] == 12 and effort["ops_sdss"] == 21 + 21
+    # A failed significance test makes no range test: T = 0.3 makes (0,2) = 0.4
+    # significant for the 5 positions that see it.
+    _, effort = pylayers.conv_forward(sdss_range_input(), np.ones((1, 1, 1, 1)), None, {},
+                                      dict(st, sdss=dict(st["sdss"], threshold=0.3)))
+    # (0,1) 2 compares, (0,3) 1, (1,1) 2, (1,2) 1, (1,3) 1 stop at 0.4; the other 7 pass
+    # with 2 + 2 + 1 + 1 + 2 + 1 + 1 = 10 compares and 2 * 10 range ops.
+    assert effort["sdss_filled"] == 7
+    assert effort["ops_sdss"] == (7 + 10) + 2 * 10 + 10
+    # range_threshold 0: only the one-neighbour positions (range 0) are filled.
+    _, effort = pylayers.conv_forward(sdss_range_input(), np.ones((1, 1, 1, 1)), None, {},
+                                      dict(st, sdss=dict(st["sdss"], range_threshold=0.0)))
+    assert effort["sdss_filled"] == 5
+
+
 def test_sdss_refuses_1x1_output():
     with pytest.raises(ValueError, match="1x1"):
         pylayers.conv_forward(np.ones((1, 1, 3, 3)), np.ones((1, 1, 3, 3)), None, {},
@@ -599,6 +702,67 @@ def test_sfma_spread_range_and_std():
     assert counts == {"RANGE": 1, "STD": 2}
 
 
+def test_sfma_variance_is_std_squared():
+    x = np.zeros((1, 2, 4, 4))
+    x[0, 0, 0, 0] = 1.0           # population variance 15/256 ~ 0.0586, std ~ 0.242
+    x[0, 1] = 2.0
+    W = np.ones((1, 2, 3, 3))
+    counts, ops = {}, {}
+    for spread in ("RANGE", "STD", "VARIANCE"):
+        _, effort = pylayers.conv_forward(x, W, None, {},
+                                          {"sfma": {"enabled": True, "threshold": 0.1,
+                                                    "spread": spread}})
+        counts[spread], ops[spread] = effort["sfma_maps"], effort["ops_sfma"]
+    assert counts == {"RANGE": 1, "STD": 1, "VARIANCE": 2}
+    # The statistics cost the same; the per-neuron SFMA ops follow the replaced maps.
+    _, std_effort = pylayers.conv_forward(x, W, None, {}, {"sfma": {
+        "enabled": True, "threshold": 0.25, "spread": "STD"}})
+    assert std_effort["sfma_maps"] == 2 and std_effort["ops_sfma"] == ops["VARIANCE"]
+    # 15/256 is the boundary: <= keeps it.
+    _, effort = pylayers.conv_forward(x, W, None, {}, {"sfma": {
+        "enabled": True, "threshold": 15 / 256, "spread": "VARIANCE"}})
+    assert effort["sfma_maps"] == 2
+
+
+# 2 outputs, 2 channels, 3x3 taps. Per (o, c) sum of |W|: c0 1.0 (o0), 2.0 (o1) -> K = 2.0;
+# c1 2.25 (o0), 0.25 (o1) -> K = 2.25.
+KERNEL_W = np.zeros((2, 2, 3, 3))
+KERNEL_W[0, 0, 0, 0], KERNEL_W[0, 0, 1, 1] = 0.5, -0.5
+KERNEL_W[1, 0, 0, 2] = -2.0
+KERNEL_W[0, 1, 0, 0] = 2.25
+KERNEL_W[1, 1, 2, 2] = 0.25
+
+
+@pytest.mark.parametrize("kernel_threshold, maps", [
+    (1.9, 0), (2.0, 1), (2.2, 1), (2.25, 2), (float("inf"), 2)])
+def test_sfma_kernel_threshold_hand_counted(kernel_threshold, maps):
+    x = np.empty((2, 2, 5, 5))
+    x[:, 0], x[:, 1] = 0.75, -1.5                   # both maps constant in both images
+    b = np.array([0.5, -0.25])
+    st = {"sfma": {"enabled": True, "threshold": 0.0, "kernel_threshold": kernel_threshold}}
+    top, effort = pylayers.conv_forward(x, KERNEL_W, b, {"pad": 1}, st)
+    dense, _ = pylayers.conv_forward(x, KERNEL_W, b, {"pad": 1}, {})
+    np.testing.assert_allclose(top, dense, atol=1e-12)          # constant maps: exact
+    per_image = maps                                # c0 passes first (K 2.0), then c1
+    assert effort["sfma_maps"] == 2 * per_image
+    outputs = 2 * 2 * 25
+    assert effort["macs_skipped_sfma"] == outputs * 9 * per_image
+    stats = 2 * 2 * (3 * 25 + 1)                    # every channel of every image
+    table = 2 * 2 * (per_image * 9 + 9) if per_image else 0
+    neurons = 2 * 2 * (9 * 1 + 16 * 4) if per_image else 0
+    assert effort["ops_sfma"] == stats + table + neurons
+    check_invariant(effort)
+
+
+def test_sfma_kernel_table_is_per_group():
+    W = np.array([1.0, 3.0, 0.5, 0.5]).reshape(4, 1, 1, 1)    # group 2: c0 <- o0, o1
+    sfma = settings.normalize({"sfma": {"enabled": True, "kernel_threshold": 1.0}})["sfma"]
+    assert list(pylayers.sfma_kernel_allowed(W, 2, sfma)) == [False, True]
+    assert list(pylayers.sfma_kernel_allowed(-W, 1, sfma)) == [False]   # |W|: max 3
+    sfma["kernel_threshold"] = float("inf")
+    assert list(pylayers.sfma_kernel_allowed(W, 2, sfma)) == [True, True]
+
+
 # ---------------------------------------------------------------------------------------
 # All knobs together: the invariant and the counters' consistency on random cases
 # ---------------------------------------------------------------------------------------
@@ -643,6 +807,7 @@ def test_invariant_on_random_cases():
 def test_settings_defaults_and_round_trip():
     full = settings.normalize({})
     assert full == settings.DEFAULTS and full is not settings.DEFAULTS
+    assert full["sdss"]["range_threshold"] == full["sfma"]["kernel_threshold"] == float("inf")
     given = {"relu": True, "spet": {"enabled": True, "fraction": 1, "ordering": "PER_OUTPUT"},
              "sfma": {"spread": "STD"}}
     normalized = settings.normalize(given)
@@ -682,7 +847,15 @@ def test_settings_defaults_and_round_trip():
     ({"relu": True, "spet": {"gate": "BOUND", "exact": True}},
      "spet.gate BOUND needs spet.enabled"),
     ({"relu": True, "spet": {"enabled": True, "gate": "BOUND", "ordering": "PER_OUTPUT"}},
-     "spet.gate BOUND needs spet.ordering PER_LAYER"),
+     "spet.gate BOUND needs spet.ordering PER_LAYER or INTERLEAVED"),
+    ({"spet": {"ordering": "interleaved"}}, "spet.ordering must be one of"),
+    ({"sfma": {"spread": "VAR"}}, "sfma.spread must be one of RANGE, STD, VARIANCE"),
+    ({"sdss": {"range_threshold": -0.5}}, "sdss.range_threshold must be >= 0, got -0.5"),
+    ({"sdss": {"range_threshold": float("nan")}}, "sdss.range_threshold must be a number"),
+    ({"sdss": {"range_threshold": "inf"}}, "sdss.range_threshold must be a number"),
+    ({"sfma": {"kernel_threshold": -1}}, "sfma.kernel_threshold must be >= 0, got -1"),
+    ({"sfma": {"kernel_threshold": float("-inf")}}, "sfma.kernel_threshold must be >= 0"),
+    ({"sfma": {"kernel_threshold": float("nan")}}, "sfma.kernel_threshold must be a number"),
 ])
 def test_settings_reject_invalid(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,7 @@ import pytest
 
 import caffe
 from caffe.proto import caffe_pb2
-from google.protobuf import json_format
+from google.protobuf import json_format, text_format
 
 from dyve import caffe_io, live
 from dyve import effort as dyve_effort
@@ -63,6 +63,36 @@ CASES = [
     ("sfma threshold -0.5", {"sfma": {"threshold": -0.5}}),
     ("all knobs", {"relu": True, "spet": {"enabled": True, "fraction": 0.25},
                    "sdss": {"enabled": True}, "sfma": {"enabled": True}}),
+    # The paper's variants (issue 12).
+    ("interleaved order", {"relu": True, "spet": {"enabled": True, "ordering": "INTERLEAVED"}}),
+    ("interleaved exact", {"relu": True, "spet": {"enabled": True, "exact": True,
+                                                  "ordering": "INTERLEAVED"}}),
+    ("bound gate interleaved", {"relu": True, "spet": {"enabled": True, "gate": "BOUND",
+                                                       "ordering": "INTERLEAVED"}}),
+    ("interleaved without relu", {"spet": {"enabled": True, "ordering": "INTERLEAVED"}}),
+    ("sdss range_threshold", {"relu": True, "sdss": {"enabled": True, "range_threshold": 0.5}}),
+    ("sdss range_threshold 0", {"relu": True, "sdss": {"enabled": True, "range_threshold": 0.0}}),
+    ("sdss range_threshold inf", {"relu": True, "sdss": {"enabled": True,
+                                                         "range_threshold": math.inf}}),
+    ("sdss range_threshold, off", {"sdss": {"range_threshold": 2.0}}),
+    ("sdss range_threshold -1", {"relu": True, "sdss": {"enabled": True,
+                                                        "range_threshold": -1.0}}),
+    ("sdss range_threshold -1, off", {"sdss": {"range_threshold": -1.0}}),
+    ("sdss range_threshold -inf", {"sdss": {"range_threshold": -math.inf}}),
+    ("sdss range_threshold nan", {"sdss": {"range_threshold": math.nan}}),
+    ("sfma variance", {"sfma": {"enabled": True, "spread": "VARIANCE", "threshold": 0.01}}),
+    ("sfma kernel_threshold", {"sfma": {"enabled": True, "kernel_threshold": 1.5}}),
+    ("sfma kernel_threshold 0", {"sfma": {"enabled": True, "kernel_threshold": 0.0}}),
+    ("sfma kernel_threshold inf", {"sfma": {"enabled": True, "kernel_threshold": math.inf}}),
+    ("sfma kernel_threshold, off", {"sfma": {"kernel_threshold": 3.0}}),
+    ("sfma kernel_threshold -0.5", {"sfma": {"enabled": True, "kernel_threshold": -0.5}}),
+    ("sfma kernel_threshold -0.5, off", {"sfma": {"kernel_threshold": -0.5}}),
+    ("sfma kernel_threshold nan", {"sfma": {"enabled": True, "kernel_threshold": math.nan}}),
+    ("paper variants", {"relu": True,
+                        "spet": {"enabled": True, "fraction": 0.5, "ordering": "INTERLEAVED"},
+                        "sdss": {"enabled": True, "threshold": 0.1, "range_threshold": 0.2},
+                        "sfma": {"enabled": True, "spread": "VARIANCE", "threshold": 0.01,
+                                 "kernel_threshold": 1.0}}),
 ]
 
 
@@ -81,10 +111,18 @@ def _python_accepts(settings, layer_type):
         return False
 
 
+def _json_nan(value):
+    """json_format's spelling of NaN (live._json_floats spells the infinities)."""
+    if isinstance(value, dict):
+        return {k: _json_nan(v) for k, v in value.items()}
+    return "NaN" if isinstance(value, float) and math.isnan(value) else value
+
+
 def _cpp_accepts(net, name, settings):
     """SetDyveParam on the live layer, with no Python validation in front of it."""
     layer = net.layers[list(net._layer_names).index(name)]
-    message = json_format.ParseDict(live._json_floats(settings), caffe_pb2.DyveParameter())
+    message = json_format.ParseDict(_json_nan(live._json_floats(settings)),
+                                    caffe_pb2.DyveParameter())
     try:
         caffe._caffe._dyve_set_param(layer, message.SerializeToString())
     except ValueError as error:
@@ -133,3 +171,30 @@ def test_ops_formula_by_hand():
                     ops_exact=2, ops_sdss=5, ops_sfma=1)
     assert dyve_effort.overhead(counters) == 11
     assert dyve_effort.ops(counters) == 51
+
+
+@pytest.mark.parametrize("value", [math.inf, 0.25])
+def test_new_thresholds_round_trip_through_the_live_layer(net, value):
+    """set_settings / get_settings carry an inf (json_format's "Infinity") and a finite
+    value of the paper's second thresholds; the prototxt text form parses back too."""
+    given = {"relu": True, "sdss": {"enabled": True, "range_threshold": value},
+             "sfma": {"enabled": True, "spread": "VARIANCE", "kernel_threshold": value},
+             "spet": {"enabled": True, "ordering": "INTERLEAVED"}}
+    live.set_settings(net, "conv", given)
+    got = live.get_settings(net, "conv")
+    assert got == dyve_settings.normalize(given)
+    assert got["sdss"]["range_threshold"] == np.float32(value)
+    assert got["sfma"]["kernel_threshold"] == np.float32(value)
+    text = text_format.MessageToString(live.settings_to_proto(given))
+    assert live.proto_to_settings(text_format.Parse(text, caffe_pb2.DyveParameter())) == got
+    live.set_settings(net, "conv", {"relu": True})
+    assert live.get_settings(net, "conv") == dyve_settings.normalize({"relu": True})
+    assert live.get_settings(net, "conv")["sdss"]["range_threshold"] == math.inf
+
+
+def test_proto_defaults_are_the_python_defaults():
+    """messages.proto's [default = ...] values, as pycaffe's protobuf reads them."""
+    assert live.proto_to_settings(caffe_pb2.DyveParameter()) == dyve_settings.DEFAULTS
+    message = caffe_pb2.DyveParameter()
+    assert math.isinf(message.sdss.range_threshold) and message.sdss.range_threshold > 0
+    assert math.isinf(message.sfma.kernel_threshold) and message.sfma.kernel_threshold > 0

@@ -23,7 +23,7 @@ export PYTHONPATH := $(CAFFE_SRC)/python:$(ROOT)/python
 export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: all build deps fetch env test test-cpp test-python reproduce prototxt data-cifar10 \
-	train-cifar10 docker-test clean
+	train-cifar10 docker-test clean onnx-venv
 
 all: build
 
@@ -73,8 +73,26 @@ test-cpp: build
 	$(MAKE) -C $(CAFFE_BUILD) -j$(JOBS) --no-print-directory dyve_test.testbin
 	cd $(CAFFE_SRC) && $(CAFFE_BUILD)/test/dyve_test.testbin --gtest_filter='-*GPU*'
 
-test-python: build data-cifar10
+test-python: build data-cifar10 onnx-venv
 	$(PYTHON) -m pytest -q tests
+
+# onnx and ONNX Runtime (dyve.export_onnx, the ONNX Runtime column of dyve.bench) need a
+# protobuf newer than pycaffe's, so they get a virtual environment of their own, made
+# from Debian's Python, with the versions pinned in scripts/onnx_requirements.txt.
+# dyve runs its Python as a worker process. Redone only when that file changes.
+ONNX_VENV := $(BUILD)/onnx-venv
+ONNX_REQUIREMENTS := scripts/onnx_requirements.txt
+onnx-venv: $(ONNX_VENV)/.dyve-requirements
+
+$(ONNX_VENV)/.dyve-requirements: $(ONNX_REQUIREMENTS) | deps
+	rm -rf $(ONNX_VENV)
+	$(PYTHON) -m venv $(ONNX_VENV)
+	$(ONNX_VENV)/bin/python -m pip install -q --no-deps --disable-pip-version-check \
+	  -r $(ONNX_REQUIREMENTS)
+	$(ONNX_VENV)/bin/python -m pip check --disable-pip-version-check
+	$(ONNX_VENV)/bin/python -c 'import onnx, onnxruntime; print("onnx-venv: onnx", \
+	  onnx.__version__, "onnxruntime", onnxruntime.__version__)'
+	@cp $(ONNX_REQUIREMENTS) $@
 
 # CIFAR-10 to LMDB (data/cifar10) from $DYVE_SHARED_DATA (default ../shared/data): the
 # offline image copy cifar10-images.tar.gz, else the official cifar-10-binary.tar.gz;
@@ -110,7 +128,7 @@ resnet34: build
 	$(if $(filter 0,$(RESNET34_DYVE)),,$(PYTHON) -m dyve.resnet34 dyve --images $(RESNET34_IMAGES))
 
 # The main job: tune and measure (python/dyve/reproduce.py); reports/ and the table.
-reproduce: build data-cifar10
+reproduce: build data-cifar10 onnx-venv
 	$(PYTHON) -m dyve.reproduce
 
 # Builds the Docker image, runs `make reproduce` in it on ../shared/data (or

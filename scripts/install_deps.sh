@@ -11,7 +11,7 @@ packages=(
   libgflags-dev libgoogle-glog-dev libhdf5-dev liblmdb-dev libopenblas-dev
   libopencv-dev libprotobuf-dev protobuf-compiler libsnappy-dev
   # Debian's Python 3 with the numpy pycaffe is built against, and the project's tools
-  python3 python3-dev python3-numpy python3-protobuf python3-skimage python3-lmdb
+  python3 python3-dev python3-venv python3-numpy python3-protobuf python3-skimage python3-lmdb
   python3-pytest python3-matplotlib python3-tqdm python3-opencv python3-yaml
   python3-scipy python3-h5py
   # dlib, for converting its ImageNet ResNet-34 (tools/dlib_resnet34.cpp, docs/resnet34.md)

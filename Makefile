@@ -23,7 +23,7 @@ export PYTHONPATH := $(CAFFE_SRC)/python:$(ROOT)/python
 export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: all build deps fetch env test test-cpp test-python reproduce prototxt data-cifar10 \
-	train-cifar10 docker-test clean onnx-venv
+	train-cifar10 docker-test clean onnx-venv ray-site
 
 all: build
 
@@ -73,8 +73,25 @@ test-cpp: build
 	$(MAKE) -C $(CAFFE_BUILD) -j$(JOBS) --no-print-directory dyve_test.testbin
 	cd $(CAFFE_SRC) && $(CAFFE_BUILD)/test/dyve_test.testbin --gtest_filter='-*GPU*'
 
-test-python: build data-cifar10 onnx-venv
+test-python: build data-cifar10 onnx-venv ray-site
 	$(PYTHON) -m pytest -q tests
+
+# Ray for the --ray backend of dyve.tune / dyve.bench (python/dyve/parallel.py), where
+# Debian's Python sees it: the pinned Ray and its pinned dependencies, without numpy and
+# protobuf (Debian's, which pycaffe needs), in build/ray-site. dyve puts that folder on
+# sys.path itself when --ray is given; a cluster's `ray start` needs it on PYTHONPATH
+# (README). Checked with pip check and an import beside pycaffe; redone only when
+# scripts/ray_requirements.txt changes.
+RAY_SITE := $(BUILD)/ray-site
+RAY_REQUIREMENTS := scripts/ray_requirements.txt
+ray-site: $(RAY_SITE)/.dyve-requirements
+
+$(RAY_SITE)/.dyve-requirements: $(RAY_REQUIREMENTS) scripts/check_ray_site.py | build
+	rm -rf $(RAY_SITE)
+	$(PYTHON) -m pip install -q --no-deps --disable-pip-version-check --no-warn-script-location \
+	  --target $(RAY_SITE) -r $(RAY_REQUIREMENTS)
+	$(PYTHON) scripts/check_ray_site.py --site $(RAY_SITE) --requirements $(RAY_REQUIREMENTS)
+	@cp $(RAY_REQUIREMENTS) $@
 
 # onnx and ONNX Runtime (dyve.export_onnx, the ONNX Runtime column of dyve.bench) need a
 # protobuf newer than pycaffe's, so they get a virtual environment of their own, made

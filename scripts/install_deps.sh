@@ -14,6 +14,8 @@ packages=(
   python3 python3-dev python3-venv python3-numpy python3-protobuf python3-skimage python3-lmdb
   python3-pytest python3-matplotlib python3-tqdm python3-opencv python3-yaml
   python3-scipy python3-h5py
+  # pip, for the pinned Ray that `make ray-site` installs beside Debian's numpy
+  python3-pip
   # dlib, for converting its ImageNet ResNet-34 (tools/dlib_resnet34.cpp, docs/resnet34.md)
   libdlib-dev
 )

@@ -21,8 +21,12 @@ import time
 import numpy as np
 
 os.environ.setdefault("GLOG_minloglevel", "2")  # before Caffe loads: no net-init log
+if __name__ == "__main__" and any(a == "--ray" or a.startswith("--ray=") for a in sys.argv):
+    # Ray's pinned dependencies (build/ray-site) must load before any Debian copy of them
+    from dyve.parallel import import_ray  # noqa: E402
+    import_ray()
 
-from dyve import caffe_io, engines, files, live, stats  # noqa: E402
+from dyve import caffe_io, engines, files, live, parallel, stats  # noqa: E402
 from dyve import effort as dyve_effort  # noqa: E402
 from dyve import settings as dyve_settings  # noqa: E402
 from dyve.errors import BenchError, DyveError  # noqa: E402
@@ -120,20 +124,34 @@ def paired_entry(correct_ref, correct_new):
             "flips_right_to_wrong": st["n_rw"], "flips_wrong_to_right": st["n_wr"]}
 
 
-def accuracy_pass(stock, dyve, images, labels, batch, cv_net=None):
-    """Scores of every engine over `images` (batches of `batch`) and the DyVE effort."""
+def accuracy_pass(stock, dyve, images, labels, batch, cv_net=None, backend=None):
+    """Scores of every engine over `images` (batches of `batch`) and the DyVE effort.
+    `backend` (dyve.parallel): the stock and DyVE nets run on its workers, in shards of
+    whole batches merged in batch order, so the scores and counters are those of the
+    serial pass bit for bit; OpenCV stays in this process."""
     live.reset_effort(dyve)
     scores = {"stock": [], "dyve": []}
+    if backend is not None:
+        bar = _progress(total=len(images), desc="accuracy pass (workers)", unit=" img")
+        try:
+            par_scores, par_effort = parallel.scores_pass(
+                backend, len(images), batch, ("stock", "dyve"), "dyve", bar.update)
+        finally:
+            bar.close()
+        scores = {}
     if cv_net is not None:
         scores["opencv"] = []
     for start in _progress(range(0, len(images), batch), desc="accuracy pass",
                            unit=" batch"):
         x = images[start:start + batch]
-        scores["stock"].append(caffe_io.forward(stock, x))
-        scores["dyve"].append(caffe_io.forward(dyve, x))
+        if backend is None:
+            scores["stock"].append(caffe_io.forward(stock, x))
+            scores["dyve"].append(caffe_io.forward(dyve, x))
         if cv_net is not None:
             scores["opencv"].append(engines.opencv_forward(cv_net, x))
     scores = {k: np.concatenate(v) for k, v in scores.items()}
+    if backend is not None:
+        return {**par_scores, **scores}, par_effort
     return scores, live.effort(dyve)
 
 
@@ -220,6 +238,12 @@ def build_parser():
                    help="OpenBLAS thread counts, comma-separated (default 1,<nproc>)")
     p.add_argument("--opencv", action="store_true", help="add OpenCV dnn (stock prototxt) as "
                    "a third engine")
+    p.add_argument("--workers", type=int, default=None, help="run the accuracy pass's "
+                   "stock and DyVE nets over N worker processes, one OpenBLAS thread each "
+                   "(default: the number of cores; 1 = in this process; with --ray: the "
+                   "number of Ray actors); the result does not depend on it")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the accuracy pass on the Ray "
+                   "cluster at ADDRESS (or 'auto'); needs `make ray-site`")
     p.add_argument("--out-dir", help="output folder (default reports/<net>)")
     p.add_argument("--table", nargs="+", metavar="SUMMARY_JSON", help="merge summaries into "
                    "the paper-style table (plain text to stdout) and exit")
@@ -303,8 +327,14 @@ def run(args, argv):
             weights_file = os.path.join(tmp_dir, "weights_for_opencv.caffemodel")
             stock.save(weights_file)
         cv_net = engines.opencv_net(args.stock, weights_file) if args.opencv else None
-
-        scores, effort = accuracy_pass(stock, dyve, images, labels, batch, cv_net)
+        backend = _accuracy_backend(args, weights_file, images)
+        try:
+            scores, effort = accuracy_pass(stock, dyve, images, labels, batch, cv_net, backend)
+            parallel_info = backend.describe() if backend else {"backend": "in-process",
+                                                                "workers": 1}
+        finally:
+            if backend is not None:
+                backend.close()
         acc = accuracy_summary(scores, labels, with_accuracy=bool(args.weights),
                                images_path=args.images)
         macs = caffe_io.layer_macs(stock)
@@ -360,6 +390,7 @@ def run(args, argv):
         "speedup_opencv": {b: {t: tm["speedup_opencv"] for t, tm in per.items()}
                            for b, per in timings.items()},
         "timings": timings,
+        "accuracy_pass_parallel": parallel_info,
         "machine": machine,
         "elapsed_s": round(time.time() - started, 1),
         "warnings": warnings,
@@ -367,6 +398,23 @@ def run(args, argv):
     summary["machine"]["loadavg_end"] = _loadavg()
     report.write_report(summary, args.out_dir)
     return summary
+
+
+def _accuracy_backend(args, weights_file, images):
+    """The accuracy pass's workers (dyve.parallel), or None for the serial pass in this
+    process (--workers 1 without --ray)."""
+    workers = args.workers if args.workers is not None or args.ray else \
+        parallel.default_workers()
+    if workers is not None and workers < 1:
+        raise BenchError(f"--workers must be at least 1, got {workers}")
+    if workers == 1 and not args.ray:
+        return None
+    nets = {key: {"param": caffe_io.read_net_param(path, flag).SerializeToString(),
+                  "weights": os.path.abspath(weights_file), "name": path}
+            for key, path, flag in (("stock", args.stock, "--stock"),
+                                    ("dyve", args.dyve, "--dyve"))}
+    spec = lambda: {"nets": nets, "images": images}  # noqa: E731
+    return parallel.make_backend(workers, args.ray, spec, local=None)
 
 
 def _display_path(path):

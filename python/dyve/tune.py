@@ -19,13 +19,18 @@ import time
 
 if __name__ == "__main__":  # quiet Caffe's log before pycaffe loads glog
     os.environ.setdefault("GLOG_minloglevel", "2")
+    if any(a == "--ray" or a.startswith("--ray=") for a in sys.argv[1:]):
+        # Ray's pinned dependencies (build/ray-site) must load before any Debian copy
+        # of them (matplotlib imports Debian's packaging, for one)
+        from dyve.parallel import import_ray
+        import_ray()
 
 import numpy as np
 from tqdm import tqdm
 
 from caffe.proto import caffe_pb2
 
-from dyve import caffe_io, live, report, stats
+from dyve import caffe_io, live, parallel, report, stats
 from dyve import effort as dyve_effort
 from dyve import files as dyve_files
 from dyve import tuned
@@ -42,7 +47,8 @@ TIE_TOLERANCE = 1e-4        # exact mode may flip a prediction only on a tie thi
 MAX_SEED = 2 ** 32 - 1      # numpy.random.RandomState's range
 
 # Keys of search.json that depend on the clock or the output location.
-VOLATILE_KEYS = ("elapsed_s", "time_s", "started", "finished", "out_dir", "files")
+VOLATILE_KEYS = ("elapsed_s", "time_s", "started", "finished", "out_dir", "files",
+                 "parallel")  # parallel: the backend, its workers' pids and nodes
 
 
 class TuneError(DyveError):
@@ -162,7 +168,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
          holdout=0.3, confidence=0.95, batch=100, max_images=None, out_dir=None,
          train_val=None, patience=1, sweep_images=None, cache_mb=2048, bank_gains=False,
          progress=True, hook=None, write=True, search_images=None, search_count=None,
-         search_budget=None):
+         search_budget=None, workers=1, ray=None):
     """Tune the DyVE knobs of `model` with `weights` on `calib` (see the module docstring).
 
     `hook`, if given, is called with each evaluation record (a dict) right after it is
@@ -171,6 +177,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     `search_count` of) them, judged against the dense net's own predictions under
     `search_budget` points of disagreement, and every calibration image certifies
     (docs/tuner.md, Label-free search).
+    `workers` / `ray`: evaluate over that many worker processes, or on the Ray cluster
+    at that address (dyve.parallel); the result is the same bit for bit.
     Returns the search.json content; writes the outputs into `out_dir` when `write`.
     """
     t_start = time.time()
@@ -229,9 +237,12 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         search_idx, hold_idx = np.arange(n_free), np.arange(n_free, len(images))
     else:
         search_idx, hold_idx = split_indices(len(images), holdout, seed)
-    ev = Evaluator(net, images, batch, search_idx, hold_idx, cache_mb, progress)
-    if not ev.dyve:
+    if not live.dyve_layers(net):
         raise TuneError(f"--model: {model} has no DyVE layer")
+    net_spec = {"param": net_param.SerializeToString(), "weights": os.path.abspath(weights),
+                "name": model}
+    ev = Evaluator(net, images, batch, search_idx, hold_idx, cache_mb, progress,
+                   workers=workers, ray=ray, net_spec=net_spec)
     layer_params = {layer.name: layer for layer in net_param.layer}
     approx = [k for k in APPROX_KNOBS if k in knobs]
     rng = np.random.RandomState(seed)
@@ -269,7 +280,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                    "holdout": int(len(hold_idx))},
         "cached_layers": sorted(ev.cacheable, key=ev.dyve.index),
         "interrupted": False, "interrupted_in": None,
-        "evaluations": [], "out_dir": out_dir,
+        "evaluations": [], "out_dir": out_dir, "parallel": ev.backend.describe(),
     }
     evals = result["evaluations"]
     y_s, y_h = labels[search_idx], labels[hold_idx]
@@ -561,6 +572,11 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         result["interrupted"] = True
         result["interrupted_in"] = state["phase"]
         tqdm.write(f"interrupted during {state['phase']}: writing the best setting so far")
+    except BaseException:
+        ev.close()
+        raise
+    result["parallel"] = ev.backend.describe()  # with the reruns, if a worker died
+    ev.close()
 
     # -------------------------------------------------------------------- final
     final = {n: state["best"].get(n, ev.base[n]) for n in ev.dyve}
@@ -716,6 +732,14 @@ def main(argv=None):
     parser.add_argument("--bank-gains", action="store_true",
                         help="let the search accept on the plain UCB (loss + z*SE), banking "
                              "measured accuracy gains; default: loss clamped at 0")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="evaluate over N local worker processes, one OpenBLAS thread "
+                             "each (default: the number of cores; 1 = in this process); "
+                             "with --ray: the number of Ray actors (default: the cluster's "
+                             "CPUs). The result does not depend on it (docs/parallel.md)")
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="evaluate on the Ray cluster at ADDRESS (or 'auto'), one "
+                             "actor per worker (needs `make ray-site`)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--pick", metavar="POINT",
                         help="instead of tuning: write the prototxt of a point of a "
@@ -765,7 +789,10 @@ def main(argv=None):
             sweep_images=args.sweep_images, cache_mb=args.cache_mb,
             bank_gains=args.bank_gains, progress=not args.quiet,
             search_images=args.search_images, search_count=args.search_count,
-            search_budget=args.search_budget)
+            search_budget=args.search_budget,
+            workers=(args.workers if args.workers is not None or args.ray
+                     else parallel.default_workers()),
+            ray=args.ray)
         render = report.tuning_markdown
     try:
         result = run()

@@ -1,4 +1,6 @@
-"""Side-by-side benchmark of a stock Caffe net and its DyVE form (``python3 -m dyve.bench``).
+"""Side-by-side benchmark of a stock Caffe net and its DyVE form (``python3 -m dyve.bench``),
+with OpenCV dnn (--opencv) and ONNX Runtime (--onnx: the stock net exported by
+dyve.export_onnx, run in build/onnx-venv) beside them.
 
 With the same weights on the same images: accuracy (paired flips, 95 % interval), the DyVE
 effort counters as operation counts, and interleaved wall-time medians per batch size and
@@ -26,7 +28,7 @@ if __name__ == "__main__" and any(a == "--ray" or a.startswith("--ray=") for a i
     from dyve.parallel import import_ray  # noqa: E402
     import_ray()
 
-from dyve import caffe_io, engines, files, live, parallel, stats  # noqa: E402
+from dyve import caffe_io, engines, export_onnx, files, live, parallel, stats  # noqa: E402
 from dyve import effort as dyve_effort  # noqa: E402
 from dyve import settings as dyve_settings  # noqa: E402
 from dyve.errors import BenchError, DyveError  # noqa: E402
@@ -124,11 +126,12 @@ def paired_entry(correct_ref, correct_new):
             "flips_right_to_wrong": st["n_rw"], "flips_wrong_to_right": st["n_wr"]}
 
 
-def accuracy_pass(stock, dyve, images, labels, batch, cv_net=None, backend=None):
+def accuracy_pass(stock, dyve, images, labels, batch, cv_net=None, ort=None, backend=None):
     """Scores of every engine over `images` (batches of `batch`) and the DyVE effort.
+    `ort`: an export_onnx.OrtRunner of the stock net (ONNX Runtime), or None.
     `backend` (dyve.parallel): the stock and DyVE nets run on its workers, in shards of
     whole batches merged in batch order, so the scores and counters are those of the
-    serial pass bit for bit; OpenCV stays in this process."""
+    serial pass bit for bit; OpenCV and ONNX Runtime stay in this process."""
     live.reset_effort(dyve)
     scores = {"stock": [], "dyve": []}
     if backend is not None:
@@ -141,6 +144,8 @@ def accuracy_pass(stock, dyve, images, labels, batch, cv_net=None, backend=None)
         scores = {}
     if cv_net is not None:
         scores["opencv"] = []
+    if ort is not None:
+        scores["onnx"] = []
     for start in _progress(range(0, len(images), batch), desc="accuracy pass",
                            unit=" batch"):
         x = images[start:start + batch]
@@ -149,6 +154,9 @@ def accuracy_pass(stock, dyve, images, labels, batch, cv_net=None, backend=None)
             scores["dyve"].append(caffe_io.forward(dyve, x))
         if cv_net is not None:
             scores["opencv"].append(engines.opencv_forward(cv_net, x))
+        if ort is not None:
+            out = ort.run(x, [caffe_io.output_blob(stock)])
+            scores["onnx"].append(next(iter(out.values())).reshape(len(x), -1))
     scores = {k: np.concatenate(v) for k, v in scores.items()}
     if backend is not None:
         return {**par_scores, **scores}, par_effort
@@ -163,6 +171,11 @@ def accuracy_summary(scores, labels, with_accuracy, images_path="--images"):
     if "opencv" in scores:
         result["agreement_top1_opencv"] = float((scores["opencv"].argmax(1)
                                                  == scores["stock"].argmax(1)).mean())
+    if "onnx" in scores:
+        result["agreement_top1_onnx"] = float((scores["onnx"].argmax(1)
+                                               == scores["stock"].argmax(1)).mean())
+        result["onnx_max_abs_diff"] = export_onnx.output_max_abs_diff(scores["onnx"],
+                                                                      scores["stock"])
     if not with_accuracy:
         return result
     caffe_io.check_labels(labels, classes, images_path)
@@ -174,6 +187,9 @@ def accuracy_summary(scores, labels, with_accuracy, images_path="--images"):
         if "opencv" in correct:
             entry["opencv"] = float(correct["opencv"].mean())
             entry["opencv_vs_stock"] = paired_entry(correct["stock"], correct["opencv"])
+        if "onnx" in correct:
+            entry["onnx"] = float(correct["onnx"].mean())
+            entry["onnx_vs_stock"] = paired_entry(correct["stock"], correct["onnx"])
         result[f"top{k}"] = entry
     top1 = result["top1"]["stock"]
     if len(labels) >= 50 and top1 <= CHANCE_FACTOR / classes:
@@ -206,7 +222,8 @@ def _floats(text):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python3 -m dyve.bench",
-        description="Stock Caffe vs DyVE (and OpenCV dnn) on the same weights and images: "
+        description="Stock Caffe vs DyVE (and OpenCV dnn, ONNX Runtime) on the same weights "
+                    "and images: "
                     "accuracy with paired flips, effort counters (ops reduction), and "
                     "interleaved wall-time medians per batch size and OpenBLAS thread count. "
                     "Writes <out-dir>/summary.json, summary.md and effort.png.")
@@ -238,6 +255,9 @@ def build_parser():
                    help="OpenBLAS thread counts, comma-separated (default 1,<nproc>)")
     p.add_argument("--opencv", action="store_true", help="add OpenCV dnn (stock prototxt) as "
                    "a third engine")
+    p.add_argument("--onnx", action="store_true", help="add ONNX Runtime as an engine: the "
+                   "stock net exported by dyve.export_onnx, run in build/onnx-venv (make "
+                   "onnx-venv); without that venv the report says why the column is empty")
     p.add_argument("--workers", type=int, default=None, help="run the accuracy pass's "
                    "stock and DyVE nets over N worker processes, one OpenBLAS thread each "
                    "(default: the number of cores; 1 = in this process; with --ray: the "
@@ -327,12 +347,24 @@ def run(args, argv):
             weights_file = os.path.join(tmp_dir, "weights_for_opencv.caffemodel")
             stock.save(weights_file)
         cv_net = engines.opencv_net(args.stock, weights_file) if args.opencv else None
+        onnx_model, onnx_status, ort_info = None, None, None
+        if args.onnx:  # the stock net as loaded (weights or filler), exported for ORT
+            onnx_model, onnx_status = export_onnx.export_for_bench(
+                args.stock, stock, os.path.join(tmp_dir, "stock.onnx"))
+            if onnx_status:
+                print(f"warning: ONNX Runtime not measured: {onnx_status}", file=sys.stderr)
+
+        ort = export_onnx.OrtRunner(onnx_model, threads=1) if onnx_model else None
         backend = _accuracy_backend(args, weights_file, images)
         try:
-            scores, effort = accuracy_pass(stock, dyve, images, labels, batch, cv_net, backend)
+            ort_info = ort and ort.info
+            scores, effort = accuracy_pass(stock, dyve, images, labels, batch, cv_net, ort,
+                                           backend)
             parallel_info = backend.describe() if backend else {"backend": "in-process",
                                                                 "workers": 1}
         finally:
+            if ort is not None:
+                ort.close()
             if backend is not None:
                 backend.close()
         acc = accuracy_summary(scores, labels, with_accuracy=bool(args.weights),
@@ -351,7 +383,8 @@ def run(args, argv):
         spec = {"stock": os.path.abspath(args.stock), "dyve": os.path.abspath(args.dyve),
                 "weights": os.path.abspath(weights_file),
                 "images": os.path.join(tmp_dir, "timing_images.npy"),
-                "batches": batches, "repeats": args.repeats, "opencv": bool(args.opencv)}
+                "batches": batches, "repeats": args.repeats, "opencv": bool(args.opencv),
+                "onnx": onnx_model}
         layer_red = {k: r["ops_reduction"] for k, r in eff["layers"].items() if r["dyve"]}
         timings = timing.time_threads(spec, args.threads, layer_red, tmp_dir, warnings)
     finally:
@@ -377,6 +410,11 @@ def run(args, argv):
         "images": int(n), "num_classes": acc["num_classes"], "batch": batch,
         "batches": batches, "repeats": args.repeats, "threads": args.threads,
         "time_images": int(time_n), "opencv": bool(args.opencv),
+        "onnx": bool(args.onnx), "onnx_measured": bool(onnx_model),
+        "onnx_status": onnx_status,
+        "onnxruntime": ort_info and ort_info.get("onnxruntime"),
+        "onnx_top1": acc["top1"].get("onnx") if "top1" in acc else None,
+        "onnx_max_abs_diff": acc.get("onnx_max_abs_diff"),
         "baseline_top1": acc["top1"]["stock"] if "top1" in acc else None,
         "dyve_top1": acc["top1"]["dyve"] if "top1" in acc else None,
         "opencv_top1": acc["top1"].get("opencv") if "top1" in acc else None,
@@ -388,6 +426,10 @@ def run(args, argv):
         "effort": eff,
         "speedup": speedup,
         "speedup_opencv": {b: {t: tm["speedup_opencv"] for t, tm in per.items()}
+                           for b, per in timings.items()},
+        "speedup_onnx": {b: {t: tm.get("speedup_onnx") for t, tm in per.items()}
+                         for b, per in timings.items()},
+        "dyve_over_onnx": {b: {t: tm.get("dyve_over_onnx") for t, tm in per.items()}
                            for b, per in timings.items()},
         "timings": timings,
         "accuracy_pass_parallel": parallel_info,

@@ -98,6 +98,19 @@ def _speedup(summary, batch, threads):
     return (summary.get("speedup") or {}).get(str(batch), {}).get(str(threads))
 
 
+def _dyve_over_onnx(summary, batch, threads):
+    """DyVE's time / ONNX Runtime's, or None where ORT was not measured."""
+    return (summary.get("dyve_over_onnx") or {}).get(str(batch), {}).get(str(threads))
+
+
+def _over_onnx(summary, batch, threads):
+    """The table cell of _dyve_over_onnx: the ratio, or why there is none."""
+    v = _dyve_over_onnx(summary, batch, threads)
+    if v is not None:
+        return _x(v)
+    return "not measured" if summary.get("onnx") else "—"
+
+
 def _benchmark_label(summary):
     label = summary["net"]
     if not summary.get("weights"):
@@ -147,12 +160,18 @@ def render_markdown(s):
         lines.append("")
     lines += [f"Stock/DyVE top-1 prediction agreement: {_pct(acc['agreement_top1'])}"
               + (f"; stock/OpenCV: {_pct(acc['agreement_top1_opencv'])}"
-                 if "agreement_top1_opencv" in acc else "") + ".", ""]
+                 if "agreement_top1_opencv" in acc else "")
+              + (f"; stock/ONNX Runtime: {_pct(acc['agreement_top1_onnx'])} (largest "
+                 f"|ONNX Runtime − Caffe| of an output {acc['onnx_max_abs_diff']:.2g})"
+                 if "agreement_top1_onnx" in acc else "") + ".", ""]
 
+    ort = s.get("onnx")  # ONNX Runtime asked for (measured, or the reason it is not)
     lines += ["## Wall time (ms per image, median of interleaved rounds)", "",
               "| batch | threads | stock Caffe | DyVE | speedup | round speedups (min–max)"
-              + (" | OpenCV dnn | stock/OpenCV" if s.get("opencv") else "") + " |",
-              "|---|---|---|---|---|---|" + ("---|---|" if s.get("opencv") else "")]
+              + (" | OpenCV dnn | stock/OpenCV" if s.get("opencv") else "")
+              + (" | ONNX Runtime | stock/ORT | DyVE ÷ ORT" if ort else "") + " |",
+              "|---|---|---|---|---|---|" + ("---|---|" if s.get("opencv") else "")
+              + ("---|---|---|" if ort else "")]
     for b, per in s["timings"].items():
         for t, tm in per.items():
             ms = tm["ms_per_image"]
@@ -161,9 +180,18 @@ def render_markdown(s):
                    f"| {_x(rng[0]) + '–' + _x(rng[1]) if rng else '—'}")
             if s.get("opencv"):
                 row += f" | {_ms(ms.get('opencv'))} | {_x(tm.get('speedup_opencv'))}"
+            if ort and s.get("onnx_measured"):
+                row += (f" | {_ms(ms.get('onnx'))} | {_x(tm.get('speedup_onnx'))} | "
+                        f"{_x(tm.get('dyve_over_onnx'))}")
+            elif ort:
+                row += " | not measured | — | —"
             lines.append(row + " |")
     lines += ["", f"Timed on the first {s['time_images']} images, {s['repeats']} rounds after a "
-              "warm-up; each round runs the engines one batch after the other.", ""]
+              "warm-up; each round runs the engines one batch after the other."
+              + (" DyVE ÷ ORT is DyVE's time over ONNX Runtime's (above 1×: DyVE is slower)."
+                 if ort else ""), ""]
+    if ort and not s.get("onnx_measured"):
+        lines += [f"**ONNX Runtime not measured:** {s.get('onnx_status')}", ""]
 
     eff = s["effort"]
     n = eff["images"]
@@ -206,7 +234,9 @@ def render_markdown(s):
               f"* OpenBLAS: {ob.get('config')} ({ob.get('library')}); threads per run: "
               + ", ".join(f"{t} → OpenBLAS {per.get('openblas_threads')}"
                           for t, per in next(iter(s['timings'].values()), {}).items()),
-              f"* OpenCV {m.get('opencv')}, numpy {m.get('numpy')}, Python {m.get('python')}",
+              f"* OpenCV {m.get('opencv')}, numpy {m.get('numpy')}, Python {m.get('python')}"
+              + (f"; ONNX Runtime {s['onnxruntime']} (build/onnx-venv, intra-op threads = "
+                 "the OpenBLAS thread count)" if s.get("onnxruntime") else ""),
               f"* load average at start {m.get('loadavg')} (shared machine: compare ratios, "
               "not absolute times)", "", "## Command", "", f"    {s['command']}", ""]
     if s.get("warnings"):
@@ -351,7 +381,7 @@ def plot_tuning(search_json_path, out_png):
 
 TABLE_COLUMNS = ("net", "protocol", "weights", "images", "baseline_top1", "dyve_top1",
                  "delta_top1", "delta_ci_low", "delta_ci_high", "ops_reduction", "speedup_b1",
-                 "speedup_bN", "N", "threads")
+                 "speedup_bN", "N", "threads", "dyve_over_ort_b1", "dyve_over_ort_bN")
 
 
 def load_summary(path):
@@ -367,8 +397,8 @@ def merge_table(paths):
     summaries = [load_summary(p) for p in paths]
     md = ["# DyVE results", "", "| benchmark | tuning protocol | baseline top-1 | DyVE top-1 | "
           "change (95 % CI) | ops reduction | speedup (batch 1, 1 thread) | "
-          "speedup (batch N, 1 thread) | N |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "speedup (batch N, 1 thread) | N | DyVE ÷ ONNX Runtime (batch 1 / N, 1 thread) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for s in summaries:
         t = _reference_threads(s)
@@ -381,7 +411,8 @@ def merge_table(paths):
         md.append(f"| {_benchmark_label(s)} | {s.get('protocol') or '—'} | "
                   f"{top1(s.get('baseline_top1'))} | {top1(s.get('dyve_top1'))} | {change} | "
                   f"{_x(s['ops_reduction'])} | "
-                  f"{_x(_speedup(s, 1, t))} | {_x(_speedup(s, bn, t))} | {bn} |")
+                  f"{_x(_speedup(s, 1, t))} | {_x(_speedup(s, bn, t))} | {bn} | "
+                  f"{_over_onnx(s, 1, t)} / {_over_onnx(s, bn, t)} |")
         num = lambda v, f: "-" if v is None else f.format(v)
         b1, d1 = (s.get("baseline_top1"), s.get("dyve_top1")) if has else (None, None)
         rows.append({
@@ -395,21 +426,25 @@ def merge_table(paths):
             "ops_reduction": f"{s['ops_reduction']:.3f}",
             "speedup_b1": num(_speedup(s, 1, t), "{:.3f}"),
             "speedup_bN": num(_speedup(s, bn, t), "{:.3f}"),
-            "N": str(bn), "threads": str(t)})
+            "N": str(bn), "threads": str(t),
+            "dyve_over_ort_b1": num(_dyve_over_onnx(s, 1, t), "{:.3f}"),
+            "dyve_over_ort_bN": num(_dyve_over_onnx(s, bn, t), "{:.3f}")})
     md += ["", "Every batch/thread combination (ms per image, median of interleaved rounds; "
-           "speedup = stock Caffe / DyVE):", "",
-           "| benchmark | batch | threads | stock ms | DyVE ms | speedup | OpenCV ms |",
-           "|---|---|---|---|---|---|---|"]
+           "speedup = stock Caffe / DyVE; DyVE ÷ ORT = DyVE's time over ONNX Runtime's):", "",
+           "| benchmark | batch | threads | stock ms | DyVE ms | speedup | OpenCV ms | "
+           "ONNX Runtime ms | DyVE ÷ ORT |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         for b, per in s["timings"].items():
             for t, tm in per.items():
                 ms = tm["ms_per_image"]
                 md.append(f"| {s['net']} | {b} | {t} | {_ms(ms['stock'])} | {_ms(ms['dyve'])} | "
-                          f"{_x(tm['speedup'])} | {_ms(ms.get('opencv'))} |")
+                          f"{_x(tm['speedup'])} | {_ms(ms.get('opencv'))} | "
+                          f"{_ms(ms.get('onnx'))} | {_x(tm.get('dyve_over_onnx'))} |")
     widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in TABLE_COLUMNS}
     plain = ["# dyve.bench table: top-1 in %, delta (and its 95 % interval) in points, "
              "speedup = stock/DyVE at batch 1 and batch N with `threads` OpenBLAS threads; "
-             "'-' = not measured",
+             "dyve_over_ort = DyVE's time / ONNX Runtime's; '-' = not measured",
              "  ".join(c.ljust(widths[c]) for c in TABLE_COLUMNS)]
     plain += ["  ".join(r[c].ljust(widths[c]) for c in TABLE_COLUMNS).rstrip() for r in rows]
     return "\n".join(md) + "\n", "\n".join(plain) + "\n"

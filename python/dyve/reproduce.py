@@ -55,7 +55,7 @@ def cifar10(net, options):
              "--dyve", os.path.join(tune_dir, "tuned_deploy.prototxt"),
              "--images", os.path.join(cifar, "cifar10_test_lmdb"),
              "--mean", os.path.join(cifar, "mean.binaryproto"),
-             "--threads", options.threads, "--out-dir", out_dir, "--opencv"]
+             "--threads", options.threads, "--out-dir", out_dir, "--opencv", "--onnx"]
     if options.test_images:
         bench += ["--max-images", str(options.test_images)]
     run_bench(bench)
@@ -88,13 +88,13 @@ def imagenet(net, options):
                   "form with every knob off", flush=True)
         run_bench(["--net", net, "--weights", weights, "--stock", stock, "--dyve", dyve,
                    "--images", images, "--mean", mean, "--threads", options.threads,
-                   "--out-dir", out_dir])
+                   "--onnx", "--out-dir", out_dir])
         return
     # No weights: the dense path's overhead, timed on a few batches of real photos.
     run_bench(["--net", net, "--stock", stock, "--dyve", dyve_off,
                "--images", options.imagenet_sample, "--max-images", "8", "--batch", "4",
                "--time-images", "4", "--repeats", "3", "--threads", options.threads,
-               "--out-dir", out_dir])
+               "--onnx", "--out-dir", out_dir])
 
 
 def main(argv=None):

@@ -441,7 +441,7 @@ def dyve(images_dir=None, out_dir=REPORT_DIR, threads="1,2", tune_options=None,
                "--weights", info["caffemodel"], "--stock", info["deploy"],
                "--dyve", os.path.join(tune_dir, "tuned_deploy.prototxt"),
                "--images", halves["eval"], "--mean-value", MEAN_ARG,
-               "--threads", threads, "--out-dir", out_dir, *BENCH_OPTIONS]
+               "--threads", threads, "--onnx", "--out-dir", out_dir, *BENCH_OPTIONS]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=REPO_ROOT)
     return os.path.join(out_dir, "summary.json")

@@ -69,8 +69,8 @@ def _stock_span(stock, dyve, name):
 
 def interleaved_rounds(engines, chunks, repeats, desc):
     """{engine: [ms per image of each round]}: after a warm-up, each of `repeats` rounds
-    runs the engines one after the other on each batch of `chunks` (stock, DyVE[, OpenCV],
-    stock, DyVE, ...). `engines`: {name: function(batch) -> seconds}."""
+    runs the engines one after the other on each batch of `chunks` (stock, DyVE[, OpenCV]
+    [, ONNX Runtime], stock, DyVE, ...). `engines`: {name: function(batch) -> seconds}."""
     images = sum(len(x) for x in chunks)
     for fn in engines.values():  # warm-up
         for x in chunks[:2] * 2:
@@ -134,6 +134,26 @@ def worker_main(spec_path):
                "dyve": lambda x: _time_caffe(dyve, x)}
     if cv_net is not None:
         engines["opencv"] = lambda x: _time_opencv(cv_net, x)
+    ort = None
+    if spec.get("onnx"):
+        # ONNX Runtime runs in its own process (build/onnx-venv); it times session.run
+        # itself, so the batch's trip through the pipe is outside the measured span.
+        from dyve.export_onnx import OrtRunner
+        ort = OrtRunner(spec["onnx"], threads)
+        result["onnx_runtime"] = ort.info
+        engines["onnx"] = ort.time
+    try:
+        _time_batches(spec, stock, dyve, engines, spans, images, repeats, threads, result)
+    finally:
+        if ort is not None:
+            ort.close()
+    result["loadavg_after"] = _loadavg()
+    files.write_atomic(spec["out"], json.dumps(result))
+    return 0
+
+
+def _time_batches(spec, stock, dyve, engines, spans, images, repeats, threads, result):
+    """Whole-net and per-layer rounds of every batch size into result["batches"]."""
     for batch in spec["batches"]:
         chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
         for net in (stock, dyve):
@@ -144,9 +164,6 @@ def worker_main(spec_path):
                                             f"timing {threads}t b{batch}"),
             "layers_rounds_ms": layer_rounds(stock, dyve, spans, chunks, repeats,
                                              f"layers {threads}t b{batch}")}
-    result["loadavg_after"] = _loadavg()
-    files.write_atomic(spec["out"], json.dumps(result))
-    return 0
 
 
 def run_worker(spec, threads, tmp_dir):
@@ -215,10 +232,15 @@ def timing_summary(worker, layer_reduction):
             "ms_per_image": med, "rounds_ms": raw["rounds_ms"],
             "speedup": _ratio(med["stock"], med["dyve"]),
             "speedup_opencv": _ratio(med["stock"], med.get("opencv")),
+            # stock Caffe / ONNX Runtime, and DyVE / ONNX Runtime in time (above 1: DyVE
+            # is slower than ONNX Runtime by that factor)
+            "speedup_onnx": _ratio(med["stock"], med.get("onnx")),
+            "dyve_over_onnx": _ratio(med["dyve"], med.get("onnx")),
             "round_speedups": paired,
             "round_speedup_range": [min(paired), max(paired)] if paired else None,
             "images": raw["images"], "layers": layers,
             "openblas_threads": worker["openblas"].get("threads"),
             "opencv_threads": worker.get("opencv_threads"),
+            "onnx_threads": (worker.get("onnx_runtime") or {}).get("threads"),
             "loadavg": [worker.get("loadavg_before"), worker.get("loadavg_after")]}
     return out

@@ -35,6 +35,9 @@ UINT32_MAX = 2 ** 32 - 1
 
 # SPET orderings with one channel order per group (GEMM-friendly; the BOUND gate's).
 ONE_ORDER_PER_GROUP = ("PER_LAYER", "INTERLEAVED")
+# The largest spet.check_interval and sdss.stride: the C++ kernels hold them in int
+# (kMaxCount in dyve_layer.hpp; tests/test_settings.py checks both sides agree).
+MAX_COUNT = 2 ** 31 - 1
 
 # The one table of stock layer types and the DyVE layer that replaces each (same
 # parameters and blobs, so a stock caffemodel loads into the DyVE form unchanged).
@@ -109,8 +112,10 @@ def normalize(settings, layer_type=None):
     spet, sdss, sfma = out["spet"], out["sdss"], out["sfma"]
     if not 0.0 < spet["fraction"] <= 1.0:
         raise ValueError(f"spet.fraction must be in (0, 1], got {spet['fraction']:g}")
-    if spet["check_interval"] < 1:
-        raise ValueError(f"spet.check_interval must be >= 1, got {spet['check_interval']}")
+    # Counts the C++ kernels hold in int (dyve_layer.hpp, kMaxCount).
+    if not 1 <= spet["check_interval"] <= MAX_COUNT:
+        raise ValueError(f"spet.check_interval must be in [1, {MAX_COUNT}], got "
+                         f"{spet['check_interval']}")
     if not math.isfinite(spet["threshold"]):
         raise ValueError(f"spet.threshold must be finite, got {spet['threshold']:g}")
     if not 0 <= spet["bound_scale"] < math.inf:
@@ -125,17 +130,19 @@ def normalize(settings, layer_type=None):
         if spet["ordering"] not in ONE_ORDER_PER_GROUP:
             raise ValueError(f"spet.gate BOUND needs spet.ordering PER_LAYER or "
                              f"INTERLEAVED, got {spet['ordering']}")
-    if sdss["stride"] < 1:
-        raise ValueError(f"sdss.stride must be >= 1, got {sdss['stride']}")
-    if sdss["threshold"] < 0:
-        raise ValueError(f"sdss.threshold must be >= 0, got {sdss['threshold']:g}")
+    if not 1 <= sdss["stride"] <= MAX_COUNT:
+        raise ValueError(f"sdss.stride must be in [1, {MAX_COUNT}], got {sdss['stride']}")
+    if not 0 <= sdss["threshold"] < math.inf:
+        raise ValueError(f"sdss.threshold must be finite and >= 0, got "
+                         f"{sdss['threshold']:g}")
     # The paper's second thresholds: inf (the default) leaves them out; NaN is refused
     # as not a number above.
     if sdss["range_threshold"] < 0:
         raise ValueError(f"sdss.range_threshold must be >= 0, got "
                          f"{sdss['range_threshold']:g}")
-    if sfma["threshold"] < 0:
-        raise ValueError(f"sfma.threshold must be >= 0, got {sfma['threshold']:g}")
+    if not 0 <= sfma["threshold"] < math.inf:
+        raise ValueError(f"sfma.threshold must be finite and >= 0, got "
+                         f"{sfma['threshold']:g}")
     if sfma["kernel_threshold"] < 0:
         raise ValueError(f"sfma.kernel_threshold must be >= 0, got "
                          f"{sfma['kernel_threshold']:g}")

@@ -86,6 +86,10 @@ class DyveLayer {
   bool state_stale_;
 };
 
+/// The largest value of an unsigned count field (spet.check_interval,
+/// sdss.stride): the kernels hold them in int.
+const uint32_t kMaxCount = 2147483647u;
+
 /// Returns "" if `param` is valid for a layer of the given kind, else a
 /// message naming the layer and the offending field.
 std::string ValidateDyveParameter(const DyveParameter& param,

@@ -30,6 +30,16 @@ std::string DyveConvolutionLayer<Dtype>::CheckShapes(
     return where + "dyve_param.sdss needs an output map larger than 1x1 "
         "(this layer's output is 1x1, nothing can be sampled)";
   }
+  // A grid step past both sides of the map samples its first position only:
+  // the same as a step equal to the map, so a larger one is a typo, not a knob.
+  if (param.sdss().enabled() && this->output_shape_.size() == 2 &&
+      param.sdss().stride() > static_cast<uint32_t>(std::max(
+          this->output_shape_[0], this->output_shape_[1]))) {
+    return where + "dyve_param.sdss.stride " +
+        std::to_string(param.sdss().stride()) + " is larger than the " +
+        std::to_string(this->output_shape_[0]) + "x" +
+        std::to_string(this->output_shape_[1]) + " output map";
+  }
   return "";
 }
 

@@ -108,8 +108,10 @@ std::string ValidateDyveParameter(const DyveParameter& param,
   if (!(spet.fraction() > 0 && spet.fraction() <= 1)) {
     error << where << "dyve_param.spet.fraction must be in (0, 1], got "
           << spet.fraction();
-  } else if (spet.check_interval() < 1) {
-    error << where << "dyve_param.spet.check_interval must be >= 1";
+  } else if (spet.check_interval() < 1 || spet.check_interval() > kMaxCount) {
+    // The kernels count in int: a larger uint32 would wrap negative.
+    error << where << "dyve_param.spet.check_interval must be in [1, "
+          << kMaxCount << "], got " << spet.check_interval();
   } else if ((spet.enabled() || spet.exact()) && !param.relu()) {
     error << where << "dyve_param.spet needs a rectified output: SPET and "
           << "exact mode predict ReLU saturation, so set dyve_param.relu: true";
@@ -133,11 +135,12 @@ std::string ValidateDyveParameter(const DyveParameter& param,
     error << where << "dyve_param.sdss applies to convolutions only";
   } else if (!is_convolution && param.sfma().enabled()) {
     error << where << "dyve_param.sfma applies to convolutions only";
-  } else if (param.sdss().stride() < 1) {
-    error << where << "dyve_param.sdss.stride must be >= 1, got "
-          << param.sdss().stride();
-  } else if (!(param.sdss().threshold() >= 0)) {
-    error << where << "dyve_param.sdss.threshold must be >= 0, got "
+  } else if (param.sdss().stride() < 1 || param.sdss().stride() > kMaxCount) {
+    error << where << "dyve_param.sdss.stride must be in [1, " << kMaxCount
+          << "], got " << param.sdss().stride();
+  } else if (!(param.sdss().threshold() >= 0) ||
+             !std::isfinite(param.sdss().threshold())) {
+    error << where << "dyve_param.sdss.threshold must be finite and >= 0, got "
           << param.sdss().threshold();
   } else if (!(param.sdss().range_threshold() >= 0)) {
     error << where << "dyve_param.sdss.range_threshold must be >= 0 (inf: no "
@@ -146,8 +149,9 @@ std::string ValidateDyveParameter(const DyveParameter& param,
     error << where << "dyve_param.sdss needs a rectified output (its "
           << "significance test reads post-ReLU values), so set "
           << "dyve_param.relu: true";
-  } else if (!(param.sfma().threshold() >= 0)) {
-    error << where << "dyve_param.sfma.threshold must be >= 0, got "
+  } else if (!(param.sfma().threshold() >= 0) ||
+             !std::isfinite(param.sfma().threshold())) {
+    error << where << "dyve_param.sfma.threshold must be finite and >= 0, got "
           << param.sfma().threshold();
   } else if (!(param.sfma().kernel_threshold() >= 0)) {
     error << where << "dyve_param.sfma.kernel_threshold must be >= 0 (inf: no "

@@ -746,6 +746,17 @@ TYPED_TEST(DyveConvolutionLayerTest, TestInvalidSettingsNameLayerAndField) {
     {"sfma { enabled: true kernel_threshold: -0.5 }", "sfma.kernel_threshold"},
     {"sfma { kernel_threshold: -inf }", "sfma.kernel_threshold"},
     {"sfma { enabled: true kernel_threshold: nan }", "sfma.kernel_threshold"},
+    // Counts past int's range (the kernels hold them in int), inf thresholds,
+    // and a grid step past the 3x3 output map.
+    {"relu: true spet { exact: true check_interval: 2147483648 }",
+     "spet.check_interval"},
+    {"relu: true spet { exact: true check_interval: 4294967295 }",
+     "spet.check_interval"},
+    {"relu: true sdss { enabled: true stride: 2147483648 }", "sdss.stride"},
+    {"relu: true sdss { enabled: true stride: 4294967295 }", "sdss.stride"},
+    {"relu: true sdss { enabled: true stride: 4 }", "sdss.stride"},
+    {"relu: true sdss { enabled: true threshold: inf }", "sdss.threshold"},
+    {"sfma { enabled: true threshold: inf }", "sfma.threshold"},
   };
   for (int i = 0; i < sizeof(cases) / sizeof(cases[0]); ++i) {
     DyveParameter bad;
@@ -778,6 +789,8 @@ TYPED_TEST(DyveConvolutionLayerTest, TestInvalidSettingsNameLayerAndField) {
     "relu: true sdss { enabled: true range_threshold: 0 }",
     "sfma { enabled: true spread: VARIANCE kernel_threshold: inf }",
     "sfma { enabled: true kernel_threshold: 0 }",
+    "relu: true sdss { enabled: true stride: 3 }",  // the map's own size
+    "relu: true spet { exact: true check_interval: 2147483647 }",
   };
   for (int i = 0; i < sizeof(accepted) / sizeof(accepted[0]); ++i) {
     DyveParameter variant;

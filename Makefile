@@ -23,7 +23,7 @@ export PYTHONPATH := $(CAFFE_SRC)/python:$(ROOT)/python
 export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: all build deps fetch env test test-cpp test-python reproduce prototxt data-cifar10 \
-	train-cifar10 docker-test clean onnx-venv ray-site
+	train-cifar10 docker-test clean onnx-venv kernel-bench bench-kernels ray-site
 
 all: build
 
@@ -110,6 +110,21 @@ $(ONNX_VENV)/.dyve-requirements: $(ONNX_REQUIREMENTS) | deps
 	$(ONNX_VENV)/bin/python -c 'import onnx, onnxruntime; print("onnx-venv: onnx", \
 	  onnx.__version__, "onnxruntime", onnxruntime.__version__)'
 	@cp $(ONNX_REQUIREMENTS) $@
+
+# The per-layer convolution kernel benchmark (docs/kernels.md): tools/kernel_bench.cpp
+# times Caffe's im2col + OpenBLAS, oneDNN and libxsmm side by side; `make bench-kernels`
+# runs scripts/kernel_bench.py, which adds the real layers (pycaffe) and ONNX Runtime.
+KERNEL_BENCH_DEFS := $(if $(wildcard /usr/include/libxsmm.h),-DKERNEL_BENCH_LIBXSMM)
+KERNEL_BENCH_LIBS := $(if $(wildcard /usr/include/libxsmm.h),-lxsmmext -lxsmm -lxsmmnoblas -ldl)
+kernel-bench: $(BIN)/kernel_bench
+
+$(BIN)/kernel_bench: tools/kernel_bench.cpp | deps
+	@mkdir -p $(BIN)
+	g++ -O2 -std=c++14 -fopenmp $(KERNEL_BENCH_DEFS) -o $@ $< -ldnnl $(KERNEL_BENCH_LIBS) \
+	  -lopenblas -lpthread
+
+bench-kernels: build kernel-bench data-cifar10
+	$(PYTHON) scripts/kernel_bench.py $(KERNEL_BENCH_ARGS)
 
 # CIFAR-10 to LMDB (data/cifar10) from $DYVE_SHARED_DATA (default ../shared/data): the
 # offline image copy cifar10-images.tar.gz, else the official cifar-10-binary.tar.gz;

@@ -18,6 +18,9 @@ packages=(
   python3-pip
   # dlib, for converting its ImageNet ResNet-34 (tools/dlib_resnet34.cpp, docs/resnet34.md)
   libdlib-dev
+  # oneDNN, the DyVE convolution's knobs-off kernel (docs/kernels.md; Caffe's im2col +
+  # BLAS without it), and libxsmm, one of the candidates of tools/kernel_bench.cpp
+  libdnnl-dev libxsmm-dev
 )
 
 missing=()

@@ -10,6 +10,7 @@
 #include "caffe/layers/dyve_layer.hpp"
 #include "caffe/layers/dyve_neuron_plan.hpp"
 #include "caffe/proto/caffe.pb.h"
+#include "caffe/util/dyve_dnnl.hpp"
 
 namespace caffe {
 
@@ -20,7 +21,9 @@ namespace caffe {
  * It takes convolution_param and holds the same learnable blobs as
  * Convolution, so a stock caffemodel loads into it by layer name. The knobs
  * come from dyve_param; with all of them off the forward pass is the stock
- * one (followed by a ReLU when dyve_param.relu is set). With a knob on, each
+ * convolution (followed by a ReLU when dyve_param.relu is set), computed by
+ * oneDNN for float blobs where the build has it (bias and ReLU fused; see
+ * DyveDnnlConvolution), else by Caffe's im2col + BLAS. With a knob on, each
  * image is evaluated on rows of gathered inputs (im2col transposed), and work
  * a knob skips is never executed.
  *
@@ -36,7 +39,8 @@ template <typename Dtype>
 class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
  public:
   explicit DyveConvolutionLayer(const LayerParameter& param)
-      : ConvolutionLayer<Dtype>(param) {}
+      : ConvolutionLayer<Dtype>(param), dense_ready_(false),
+        dense_weights_version_(0), dense_bias_version_(0) {}
   virtual void LayerSetUp(const vector<Blob<Dtype>*>& bottom,
       const vector<Blob<Dtype>*>& top);
   virtual void Reshape(const vector<Blob<Dtype>*>& bottom,
@@ -44,6 +48,9 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   virtual inline const char* type() const { return "DyveConvolution"; }
 
   virtual std::string SetDyveParam(const DyveParameter& param);
+  /// The knobs-off kernel prepared for the current shapes: "oneDNN " and
+  /// its implementation (e.g. "oneDNN jit:avx2"), or "caffe" (im2col + BLAS).
+  std::string dense_path() const;
 
  protected:
   virtual void Forward_cpu(const vector<Blob<Dtype>*>& bottom,
@@ -81,6 +88,13 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
     DyveEffort effort;
   };
   void RefreshWeightState();
+  /// Knobs off: prepares the oneDNN kernel for the current shapes (float
+  /// blobs, 2 spatial axes); sets dense_ready_.
+  void ConfigureDense();
+  /// Knobs off: the forward through oneDNN, bias and ReLU included, if
+  /// dense_ready_; returns whether it ran (else Caffe's path must).
+  bool ForwardDense(const vector<Blob<Dtype>*>& bottom,
+      const vector<Blob<Dtype>*>& top);
   /// Evaluates one image: its constant maps (SFMA), then per group the grid
   /// positions and the SDSS fill.
   void ForwardImage(const Dtype* input, Dtype* output, ImageWork* work) const;
@@ -127,6 +141,11 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   enum { kInterior = 0, kBorder = 1, kOutside = 2 };
   std::vector<int> sfma_rect_;
   std::vector<ImageWork> works_;  // per thread
+  // The knobs-off kernel: ready for the current shapes or not (then Caffe's
+  // path runs), and the write versions of the weights and bias it holds.
+  DyveDnnlConvolution dense_;
+  bool dense_ready_;
+  uint64_t dense_weights_version_, dense_bias_version_;
 };
 
 }  // namespace caffe

@@ -95,6 +95,99 @@ void DyveConvolutionLayer<Dtype>::Reshape(const vector<Blob<Dtype>*>& bottom,
       }
     }
   }
+  ConfigureDense();
+}
+
+namespace {
+
+// oneDNN's kernel takes float blobs; double ones keep Caffe's path.
+bool DenseConfigure(DyveDnnlConvolution* dense, const DyveConvShape& shape,
+    float) {
+  return dense->Configure(shape);
+}
+bool DenseConfigure(DyveDnnlConvolution*, const DyveConvShape&, double) {
+  return false;
+}
+void DenseSetWeights(DyveDnnlConvolution* dense, const float* weights,
+    const float* bias) {
+  dense->SetWeights(weights, bias);
+}
+void DenseSetWeights(DyveDnnlConvolution*, const double*, const double*) {}
+void DenseForward(DyveDnnlConvolution* dense, const float* bottom, float* top,
+    int threads) {
+  dense->Forward(bottom, top, threads);
+}
+void DenseForward(DyveDnnlConvolution*, const double*, double*, int) {}
+
+}  // namespace
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::ConfigureDense() {
+  const bool was_ready = dense_ready_;
+  dense_ready_ = false;
+  if (DyveKnobsOn(dyve_param_) || this->num_spatial_axes_ != 2 ||
+      !DyveDnnlConvolution::Available()) {
+    return;
+  }
+  const int* input = this->conv_input_shape_.cpu_data();  // C, H, W
+  const int* kernel = this->kernel_shape_.cpu_data();
+  const int* stride = this->stride_.cpu_data();
+  const int* pad = this->pad_.cpu_data();
+  const int* dilation = this->dilation_.cpu_data();
+  DyveConvShape shape;
+  shape.num = this->num_;
+  shape.channels = input[0];
+  shape.height = input[1];
+  shape.width = input[2];
+  shape.num_output = this->num_output_;
+  shape.group = this->group_;
+  shape.kernel_h = kernel[0];
+  shape.kernel_w = kernel[1];
+  shape.stride_h = stride[0];
+  shape.stride_w = stride[1];
+  shape.pad_h = pad[0];
+  shape.pad_w = pad[1];
+  shape.dilation_h = dilation[0];
+  shape.dilation_w = dilation[1];
+  shape.bias = this->bias_term_;
+  shape.relu = dyve_param_.relu();
+  dense_ready_ = DenseConfigure(&dense_, shape, Dtype(0));
+  if (dense_ready_ && !dense_.has_weights()) {
+    dense_weights_version_ = dense_bias_version_ = 0;  // none held
+  }
+  if (dense_ready_ != was_ready) {
+    LOG(INFO) << type() << " layer '" << this->layer_param_.name()
+              << "': knobs-off path "
+              << dense_path();
+  }
+}
+
+template <typename Dtype>
+std::string DyveConvolutionLayer<Dtype>::dense_path() const {
+  return dense_ready_ ? "oneDNN " + dense_.implementation() : "caffe";
+}
+
+template <typename Dtype>
+bool DyveConvolutionLayer<Dtype>::ForwardDense(
+    const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
+  if (!dense_ready_) return false;
+  const uint64_t weights_version = this->blobs_[0]->data()->version();
+  const uint64_t bias_version =
+      this->bias_term_ ? this->blobs_[1]->data()->version() : 0;
+  if (!dense_.has_weights() || weights_version != dense_weights_version_ ||
+      bias_version != dense_bias_version_) {
+    DenseSetWeights(&dense_, this->blobs_[0]->cpu_data(),
+        this->bias_term_ ? this->blobs_[1]->cpu_data() : NULL);
+    dense_weights_version_ = weights_version;
+    dense_bias_version_ = bias_version;
+  }
+  // As many threads as BLAS may use (OPENBLAS_NUM_THREADS): oneDNN splits
+  // positions and channels, so one image uses them too.
+  for (int i = 0; i < bottom.size(); ++i) {
+    DenseForward(&dense_, bottom[i]->cpu_data(), top[i]->mutable_cpu_data(),
+        BlasThreads());
+  }
+  return true;
 }
 
 template <typename Dtype>
@@ -507,10 +600,12 @@ void DyveConvolutionLayer<Dtype>::Forward_cpu(
     const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
   effort_.forward_passes += 1;
   if (!DyveKnobsOn(dyve_param_)) {
-    ConvolutionLayer<Dtype>::Forward_cpu(bottom, top);
+    // oneDNN (its ReLU fused) where it is ready, else Caffe's path.
+    const bool fused = ForwardDense(bottom, top);
+    if (!fused) ConvolutionLayer<Dtype>::Forward_cpu(bottom, top);
     const uint64_t fan_in = this->blobs_[0]->count(1);
     for (int i = 0; i < top.size(); ++i) {
-      if (dyve_param_.relu()) {
+      if (dyve_param_.relu() && !fused) {
         ReluInPlace(top[i]->count(), top[i]->mutable_cpu_data());
       }
       effort_.images += this->num_;

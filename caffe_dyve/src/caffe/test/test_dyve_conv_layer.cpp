@@ -12,7 +12,9 @@
 #include "caffe/layers/conv_layer.hpp"
 #include "caffe/layers/dyve_conv_layer.hpp"
 #include "caffe/net.hpp"
+#include "caffe/util/dyve_dnnl.hpp"
 #include "caffe/util/io.hpp"
+#include "caffe/util/math_functions.hpp"
 
 #include "caffe/test/test_caffe_main.hpp"
 
@@ -1182,6 +1184,90 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSfmaVarianceAndKernelThreshold) {
   layer.blobs()[0]->mutable_cpu_data()[(1 * 2 + 0) * 9 + 2] = -3;  // c0: 3
   layer.Forward(this->bottom_vec_, this->top_vec_);
   EXPECT_EQ(layer.effort().sfma_maps, 2);  // channel 1 only, in both images
+}
+
+// The knobs-off kernel (docs/kernels.md): oneDNN for float blobs where the
+// build has it and DYVE_DENSE is not "caffe", Caffe's im2col + BLAS for
+// double ones. On the CIFAR-10 nets' convolutions and odd shapes it equals
+// the stock layer, with and without the ReLU it fuses.
+TYPED_TEST(DyveConvolutionLayerTest, TestDenseKernelCifarShapes) {
+  typedef typename TypeParam::Dtype Dtype;
+  const ConvShape list[] = {
+    // num, C, H, W, O, kh, kw, stride, pad, dilation, group, bias
+    {2, 3, 32, 32, 32, 5, 5, 1, 2, 1, 1, true},    // cifar10 conv1
+    {3, 32, 16, 16, 32, 5, 5, 1, 2, 1, 1, true},   // conv2
+    {1, 32, 8, 8, 64, 5, 5, 1, 2, 1, 1, true},     // conv3
+    {2, 16, 9, 9, 8, 3, 3, 2, 1, 1, 1, false},
+    {1, 6, 11, 10, 9, 3, 3, 1, 2, 2, 3, true},
+  };
+  const bool onednn = sizeof(Dtype) == sizeof(float) &&
+      DyveDnnlConvolution::Available();
+  for (int i = 0; i < sizeof(list) / sizeof(list[0]); ++i) {
+    for (int relu = 0; relu < 2; ++relu) {
+      this->FillBottom(list[i], -1, 1);
+      LayerParameter param = this->ConvParam(list[i]);
+      param.mutable_dyve_param()->set_relu(relu);
+      DyveConvolutionLayer<Dtype> layer(param);
+      layer.SetUp(this->bottom_vec_, this->top_vec_);
+      layer.Forward(this->bottom_vec_, this->top_vec_);
+      this->RunStock(list[i], &layer, relu);
+      // Up to 800 products of unit-variance weights per output, summed in
+      // another order: float rounding reaches 2e-5 here.
+      this->ExpectTopsNear(1e-4);
+      EXPECT_EQ(layer.dense_path().find("oneDNN") == 0, onednn)
+          << layer.dense_path() << ", shape " << i;
+      EXPECT_EQ(layer.effort().macs_executed, layer.effort().macs_dense);
+    }
+  }
+}
+
+// The kernel's copy of the weights follows their writes (weights, bias), a
+// new input shape, knobs switched on and off again, and the thread count.
+TYPED_TEST(DyveConvolutionLayerTest, TestDenseKernelFollowsChanges) {
+  typedef typename TypeParam::Dtype Dtype;
+  ConvShape s = {2, 8, 10, 10, 16, 3, 3, 1, 1, 1, 1, true};
+  this->FillBottom(s, -1, 1);
+  LayerParameter param = this->ConvParam(s);
+  param.mutable_dyve_param()->set_relu(true);
+  DyveConvolutionLayer<Dtype> layer(param);
+  this->ExpectStockResult(s, &layer, true);
+  // New weights and a new bias value: new write versions.
+  caffe_scal(layer.blobs()[0]->count(), Dtype(-0.5),
+      layer.blobs()[0]->mutable_cpu_data());
+  layer.blobs()[1]->mutable_cpu_data()[3] += Dtype(2);
+  layer.Forward(this->bottom_vec_, this->top_vec_);
+  this->RunStock(s, &layer, true);
+  this->ExpectTopsNear(1e-5);
+  // Another batch size and map size.
+  s.num = 3;
+  s.height = 7;
+  this->FillBottom(s, -1, 1);
+  layer.Forward(this->bottom_vec_, this->top_vec_);
+  this->RunStock(s, &layer, true);
+  this->ExpectTopsNear(1e-5);
+  // Knobs on (inert: SPET with f = 1 cannot fire), weights changed while on,
+  // then off again.
+  DyveParameter on = param.dyve_param();
+  on.mutable_spet()->set_enabled(true);
+  on.mutable_spet()->set_fraction(1);
+  on.mutable_spet()->set_threshold(-1e30);
+  ASSERT_EQ(layer.SetDyveParam(on), "");
+  layer.Forward(this->bottom_vec_, this->top_vec_);
+  EXPECT_EQ(layer.dense_path(), "caffe");  // the knob path runs
+  this->RunStock(s, &layer, true);
+  this->ExpectTopsNear(1e-5);
+  this->RefillWeights(&layer);
+  ASSERT_EQ(layer.SetDyveParam(param.dyve_param()), "");
+  const int saved_threads = BlasThreads();
+  for (int threads = 1; threads <= 2; ++threads) {
+    SetBlasThreads(threads);
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+    this->RunStock(s, &layer, true);
+    this->ExpectTopsNear(1e-5);
+  }
+  SetBlasThreads(saved_threads);
+  EXPECT_EQ(layer.dense_path().find("oneDNN") == 0,
+      sizeof(Dtype) == sizeof(float) && DyveDnnlConvolution::Available());
 }
 
 }  // namespace caffe

@@ -1,0 +1,455 @@
+"""Per-layer convolution kernels side by side (docs/kernels.md).
+
+For each convolution of the given nets (shapes from prototxt/<net>_deploy.prototxt), at
+each batch size and thread count, in one run, in interleaved repeats (every column once
+per repeat, medians over repeats):
+
+* the C++ tool build/bin/kernel_bench (`make kernel-bench`, tools/kernel_bench.cpp):
+  Caffe's im2col + OpenBLAS SGEMM, oneDNN (NCHW re-layouts timed, and its kernel alone
+  in its blocked layout), oneDNN forced to NCHW, oneDNN Winograd, libxsmm; conv + bias +
+  ReLU on rectified random data;
+* pycaffe, the real layers on real CIFAR-10 activations (one layer at a time, the net
+  run once before): stock Convolution, DyveConvolution with every knob off (the dense
+  path this build picks: oneDNN), the same with DYVE_DENSE=caffe (Caffe's im2col + BLAS,
+  in a second process), and DyveConvolution at the tuned settings (with its effort
+  counters, hence the op reduction);
+* ONNX Runtime on a Conv + Relu model of each layer with the trained weights and the
+  same activations, in build/onnx-venv (`make onnx-venv`) when it exists.
+
+Writes OUT.json and OUT.md (default reports/kernels/kernel_bench) and prints the
+Markdown. Run with pycaffe on the path: eval "$(make -s env)"; python3 scripts/kernel_bench.py
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_BIN = os.path.join(ROOT, "build", "bin", "kernel_bench")
+ORT_PYTHON = os.path.join(ROOT, "build", "onnx-venv", "bin", "python")
+
+# SPET f = 1/2 with the BOUND gate at s = 0.25 (docs/performance.md), used on conv2 and
+# conv3 when no tuned prototxt (reports/<net>/tune/tuned_deploy.prototxt) exists.
+REPRESENTATIVE = {"relu": True, "spet": {"enabled": True, "fraction": 0.5, "gate": "BOUND",
+                                         "bound_scale": 0.25, "threshold": 0.0}}
+
+
+def cpu_name():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
+        flags = re.search(r"Flags:\s*(.+)", out).group(1).split()
+    except (OSError, AttributeError):
+        return platform.processor(), []
+    simd = [f for f in ("avx", "avx2", "fma", "avx512f", "avx512_vnni") if f in flags]
+    return name, simd
+
+
+def conv_layers(net_name):
+    """[{name, c, h, w, k, kernel, pad, stride, index}] of the deploy net's convolutions."""
+    import caffe
+    from google.protobuf import text_format
+    from caffe.proto import caffe_pb2
+    path = os.path.join(ROOT, "prototxt", f"{net_name}_deploy.prototxt")
+    param = caffe_pb2.NetParameter()
+    with open(path) as f:
+        text_format.Merge(f.read(), param)
+    net = caffe.Net(path, caffe.TEST)
+    layers = []
+    for layer in param.layer:
+        if layer.type != "Convolution":
+            continue
+        cp = layer.convolution_param
+        one = lambda field, default: (list(field) or [default])[0]
+        _, c, h, w = net.blobs[layer.bottom[0]].data.shape
+        if cp.group != 1 or one(cp.dilation, 1) != 1 or cp.kernel_h or cp.stride_h:
+            raise SystemExit(f"kernel_bench: {net_name} {layer.name}: only square, "
+                             "ungrouped, undilated convolutions are benchmarked")
+        layers.append(dict(name=layer.name, c=int(c), h=int(h), w=int(w),
+                           k=int(cp.num_output), kernel=int(one(cp.kernel_size, 1)),
+                           pad=int(one(cp.pad, 0)), stride=int(one(cp.stride, 1))))
+    return layers
+
+
+# ------------------------------------------------------------------- pycaffe worker
+
+def _calibrate(net, index, min_s):
+    """Calls of layer `index` alone per timed round (about min_s seconds)."""
+    net._forward(index, index)
+    start = time.perf_counter()
+    net._forward(index, index)
+    return max(1, int(min_s / max(time.perf_counter() - start, 1e-6)))
+
+
+def _time_layer(net, index, count):
+    """Seconds per call of layer `index` alone, over `count` calls."""
+    start = time.perf_counter()
+    for _ in range(count):
+        net._forward(index, index)
+    return (time.perf_counter() - start) / count
+
+
+def caffe_worker(spec_path):
+    """Times the spec's layers in the stock, knobs-off and tuned nets; writes JSON."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    with open(spec_path) as f:
+        spec = json.load(f)
+    import caffe
+    from dyve import live
+    x = np.load(spec["images"])["x"][:spec["batch"]]
+    nets = {}
+    # The DyVE deploy prototxts have every knob off (relu: true).
+    for kind, model in (("stock", spec["stock_model"]), ("knobs_off", spec["dyve_model"]),
+                        ("tuned", spec["tuned_model"] or spec["dyve_model"])):
+        net = caffe.Net(model, spec["weights"], caffe.TEST)
+        net.blobs["data"].reshape(*x.shape)
+        net.reshape()
+        if kind == "tuned" and not spec["tuned_model"]:
+            for name, settings in spec["tuned_settings"].items():
+                live.set_settings(net, name, settings)
+        net.blobs["data"].data[...] = x
+        net.forward()
+        nets[kind] = net
+    # The tuned net's effort over this batch, per layer.
+    live.reset_effort(nets["tuned"])
+    nets["tuned"].forward()
+    effort = live.effort(nets["tuned"])
+    result = {"layers": {}}
+    kinds = ("stock", "knobs_off", "tuned")
+    for layer in spec["layers"]:
+        index = {kind: list(nets[kind]._layer_names).index(layer) for kind in kinds}
+        count = {kind: _calibrate(nets[kind], index[kind], spec["min_s"])
+                 for kind in kinds}
+        times = {kind: [] for kind in kinds}
+        for _ in range(spec["rounds"]):  # the three interleaved
+            for kind in kinds:
+                times[kind].append(_time_layer(nets[kind], index[kind], count[kind]))
+        row = {kind: statistics.median(times[kind]) * 1e3 for kind in kinds}
+        row["tuned_settings"] = live.get_settings(nets["tuned"], layer)
+        e = effort.get(layer, {})
+        overhead = sum(e.get(f"ops_{k}", 0) for k in ("spet", "exact", "sdss", "sfma"))
+        ops = e.get("macs_executed", 0) + overhead
+        row["op_reduction"] = e["macs_dense"] / ops if ops else None
+        row["macs_executed_share"] = (e["macs_executed"] / e["macs_dense"]
+                                      if e.get("macs_dense") else None)
+        result["layers"][layer] = row
+        if spec.get("save_inputs"):
+            net = nets["stock"]
+            bottom = net.bottom_names[layer][0]
+            np.savez(os.path.join(spec["save_inputs"], f"{layer}.npz"),
+                     x=net.blobs[bottom].data, w=net.params[layer][0].data,
+                     b=net.params[layer][1].data)
+    with open(spec["out"], "w") as f:
+        json.dump(result, f)
+
+
+# ----------------------------------------------------------------------- ORT worker
+
+ORT_CODE = r"""
+import json, statistics, sys, time
+import numpy as np, onnx, onnxruntime as ort
+from onnx import helper, numpy_helper, TensorProto
+spec = json.load(open(sys.argv[1]))
+result = {"onnxruntime": ort.__version__, "layers": {}}
+for layer in spec["layers"]:
+    d = np.load(f"{spec['inputs']}/{layer['name']}.npz")
+    x, w, b = d["x"].astype(np.float32), d["w"].astype(np.float32), d["b"].astype(np.float32)
+    p, s = layer["pad"], layer["stride"]
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=list(w.shape[2:]),
+                            pads=[p, p, p, p], strides=[s, s])
+    relu = helper.make_node("Relu", ["c"], ["y"])
+    n, c, h, wd = x.shape
+    oh, ow = (h + 2 * p - w.shape[2]) // s + 1, (wd + 2 * p - w.shape[3]) // s + 1
+    graph = helper.make_graph([conv, relu], "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, w.shape[0], oh, ow])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"x": x}
+    session.run(None, feed)
+    start = time.perf_counter(); session.run(None, feed)
+    count = max(1, int(spec["min_s"] / max(time.perf_counter() - start, 1e-6)))
+    times = []
+    for _ in range(spec["rounds"]):
+        start = time.perf_counter()
+        for _ in range(count):
+            session.run(None, feed)
+        times.append((time.perf_counter() - start) / count)
+    result["layers"][layer["name"]] = statistics.median(times) * 1e3
+json.dump(result, open(spec["out"], "w"))
+"""
+
+
+# --------------------------------------------------------------------------- driver
+
+def tuned_settings(net_name, layers):
+    """(tuned prototxt or None, {layer: settings} to apply otherwise, source): the
+    tuner's reports/<net>/tune/tuned_deploy.prototxt (`make reproduce`) if it exists,
+    else REPRESENTATIVE on conv2 and conv3."""
+    path = os.path.join(ROOT, "reports", net_name, "tune", "tuned_deploy.prototxt")
+    if os.path.exists(path):
+        return path, {}, os.path.relpath(path, ROOT)
+    picked = {name: REPRESENTATIVE for name in ("conv2", "conv3")
+              if name in [l["name"] for l in layers]}
+    return None, picked, "representative (no tuned prototxt): conv2, conv3 SPET f=0.5 " \
+        "BOUND s=0.25 T=0"
+
+
+def run(cmd, env=None, timeout=900):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"kernel_bench: {' '.join(cmd[:3])} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nets", default="cifar10_quick,cifar10_full")
+    parser.add_argument("--batches", default="1,100")
+    parser.add_argument("--threads", default="1")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repeats of every column (medians over them)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per repeat")
+    parser.add_argument("--min-ms", type=float, default=20, help="per timed round")
+    parser.add_argument("--images", default=os.path.join(ROOT, "data", "cifar10",
+                                                         "cifar10_test_lmdb"))
+    parser.add_argument("--mean", default=os.path.join(ROOT, "data", "cifar10",
+                                                       "mean.binaryproto"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "reports", "kernels",
+                                                      "kernel_bench"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    if args.worker:
+        return caffe_worker(args.worker)
+    from dyve import caffe_io
+    if not os.path.exists(BENCH_BIN):
+        raise SystemExit(f"kernel_bench: {BENCH_BIN} is missing: run make kernel-bench")
+    have_ort = os.path.exists(ORT_PYTHON)
+    nets = args.nets.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    cpu, simd = cpu_name()
+    mean = args.mean
+    if mean and not os.path.exists(mean):
+        mean = [float(v) for v in mean.split(",")] if "," in mean else None
+    x, _ = caffe_io.load_images(args.images, (3, 32, 32), mean=mean, limit=max(batches))
+    work = tempfile.mkdtemp(prefix="kernel_bench.")
+    np.savez(os.path.join(work, "images.npz"), x=x)
+    report = {"cpu": cpu, "simd": simd, "nproc": os.cpu_count(), "images": args.images,
+              "mean": args.mean if isinstance(mean, str) else mean,
+              "repeats": args.repeats, "rounds": args.rounds, "min_ms": args.min_ms,
+              "load_average_start": os.getloadavg(), "configs": []}
+    for net_name in nets:
+        layers = conv_layers(net_name)
+        tuned_model, tuned, source = tuned_settings(net_name, layers)
+        for batch in batches:
+            for threads in thread_counts:
+                env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads),
+                           OMP_NUM_THREADS=str(threads), GLOG_minloglevel="2")
+                config = {"net": net_name, "batch": batch, "threads": threads,
+                          "tuned_source": source,
+                          "layers": [dict(l) for l in layers], "repeats": []}
+                inputs = os.path.join(work, f"{net_name}_{batch}")
+                os.makedirs(inputs, exist_ok=True)
+                for repeat in range(args.repeats):
+                    rep = {}
+                    cmd = [BENCH_BIN, "--batch", str(batch), "--threads", str(threads),
+                           "--rounds", str(args.rounds), "--min-ms", str(args.min_ms)]
+                    for l in layers:
+                        cmd += ["--layer", "{name},{c},{h},{w},{k},{kernel},{pad},{stride}"
+                                .format(**l)]
+                    rep["cpp"] = json.loads(run(cmd, env))
+                    for dense in ("onednn", "caffe"):
+                        spec = dict(
+                            images=os.path.join(work, "images.npz"), batch=batch,
+                            stock_model=os.path.join(ROOT, "prototxt",
+                                                     f"{net_name}_deploy.prototxt"),
+                            dyve_model=os.path.join(ROOT, "prototxt",
+                                                    f"{net_name}_dyve_deploy.prototxt"),
+                            weights=os.path.join(ROOT, "models", f"{net_name}.caffemodel"),
+                            tuned_model=tuned_model,
+                            tuned_settings=tuned, layers=[l["name"] for l in layers],
+                            rounds=args.rounds, min_s=args.min_ms / 1e3,
+                            save_inputs=inputs if repeat == 0 and dense == "onednn"
+                            else None,
+                            out=os.path.join(work, f"caffe_{dense}.json"))
+                        spec_path = os.path.join(work, f"spec_{dense}.json")
+                        with open(spec_path, "w") as f:
+                            json.dump(spec, f)
+                        worker_env = dict(env)
+                        if dense == "caffe":
+                            worker_env["DYVE_DENSE"] = "caffe"
+                        else:
+                            worker_env.pop("DYVE_DENSE", None)
+                        run([sys.executable, os.path.abspath(__file__), "--worker",
+                             spec_path], worker_env)
+                        with open(spec["out"]) as f:
+                            rep[f"caffe_{dense}"] = json.load(f)
+                    if have_ort:
+                        spec = dict(layers=layers, inputs=inputs, threads=threads,
+                                    rounds=args.rounds, min_s=args.min_ms / 1e3,
+                                    out=os.path.join(work, "ort.json"))
+                        spec_path = os.path.join(work, "spec_ort.json")
+                        with open(spec_path, "w") as f:
+                            json.dump(spec, f)
+                        code_path = os.path.join(work, "ort_worker.py")
+                        with open(code_path, "w") as f:
+                            f.write(ORT_CODE)
+                        run([ORT_PYTHON, code_path, spec_path], env)
+                        with open(spec["out"]) as f:
+                            rep["ort"] = json.load(f)
+                    config["repeats"].append(rep)
+                    print(f"kernel_bench: {net_name} batch {batch} threads {threads} "
+                          f"repeat {repeat + 1}/{args.repeats}", file=sys.stderr)
+                summarize(config)
+                report["configs"].append(config)
+    report["load_average_end"] = os.getloadavg()
+    report["openblas"] = report["configs"][0]["repeats"][0]["cpp"]["openblas"]
+    report["onednn"] = report["configs"][0]["repeats"][0]["cpp"]["onednn"]
+    if have_ort:
+        report["onnxruntime"] = report["configs"][0]["repeats"][0]["ort"]["onnxruntime"]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    text = markdown(report)
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+CPP_COLUMNS = ("caffe_im2col_openblas", "onednn_nchw", "onednn_blocked", "onednn_plain",
+               "onednn_winograd", "libxsmm")
+
+
+def summarize(config):
+    """Medians over the repeats, per layer and column, and the ratios."""
+    rows = []
+    for l in config["layers"]:
+        name = l["name"]
+        flop = 2.0 * config["batch"] * l["k"] * l["c"] * l["kernel"] ** 2 * \
+            ((l["h"] + 2 * l["pad"] - l["kernel"]) // l["stride"] + 1) * \
+            ((l["w"] + 2 * l["pad"] - l["kernel"]) // l["stride"] + 1)
+        row = {"layer": name, "gflop": flop / 1e9, "ms": {}, "notes": {}}
+        for cand in CPP_COLUMNS:
+            values = []
+            for rep in config["repeats"]:
+                for lay in rep["cpp"]["layers"]:
+                    if lay["name"] != name:
+                        continue
+                    for c in lay["candidates"]:
+                        if c["name"] == cand:
+                            row["notes"][cand] = c["note"]
+                            if c["ok"]:
+                                values.append(c["ms"])
+            if values:
+                row["ms"][cand] = statistics.median(values)
+        med = lambda key, sub: statistics.median(
+            rep[key]["layers"][name][sub] for rep in config["repeats"])
+        row["ms"]["caffe_stock_layer"] = med("caffe_onednn", "stock")
+        row["ms"]["dyve_knobs_off"] = med("caffe_onednn", "knobs_off")
+        row["ms"]["dyve_knobs_off_caffe_path"] = med("caffe_caffe", "knobs_off")
+        row["ms"]["dyve_tuned"] = statistics.median(
+            [rep[k]["layers"][name]["tuned"] for rep in config["repeats"]
+             for k in ("caffe_onednn", "caffe_caffe")])
+        if "ort" in config["repeats"][0]:
+            row["ms"]["onnxruntime"] = statistics.median(
+                rep["ort"]["layers"][name] for rep in config["repeats"])
+        row["op_reduction"] = config["repeats"][0]["caffe_onednn"]["layers"][name][
+            "op_reduction"]
+        ms = row["ms"]
+        ratio = lambda a, b: (ms[a] / ms[b]) if a in ms and b in ms and ms[b] else None
+        row["kernel_gain"] = ratio("caffe_stock_layer", "dyve_knobs_off")
+        row["knobs_off_vs_ort"] = ratio("dyve_knobs_off", "onnxruntime")
+        speed_same = ratio("dyve_knobs_off_caffe_path", "dyve_tuned")
+        speed_new = ratio("dyve_knobs_off", "dyve_tuned")
+        red = row["op_reduction"]
+        first = config["repeats"][0]["caffe_onednn"]["layers"][name]
+        row["tuned_settings"] = first["tuned_settings"]
+        knobs = row["tuned_settings"] or {}
+        tuned_on = bool(knobs.get("spet", {}).get("enabled") or
+                        knobs.get("spet", {}).get("exact") or
+                        knobs.get("sdss", {}).get("enabled") or
+                        knobs.get("sfma", {}).get("enabled"))
+        row["tuned_speedup_vs_caffe_dense"] = speed_same if tuned_on else None
+        row["tuned_speedup_vs_onednn_dense"] = speed_new if tuned_on else None
+        row["skipping_efficiency"] = (speed_same / red) if tuned_on and red and \
+            speed_same else None
+        row["gflops"] = {k: row["gflop"] / (v / 1e3) for k, v in ms.items() if v}
+        rows.append(row)
+    config["rows"] = rows
+
+
+LABELS = (("caffe_stock_layer", "stock Caffe layer"),
+          ("caffe_im2col_openblas", "im2col+OpenBLAS (C++)"),
+          ("onednn_nchw", "oneDNN, NCHW re-layouts timed"),
+          ("onednn_blocked", "oneDNN kernel alone (blocked)"),
+          ("onednn_plain", "oneDNN forced NCHW (gemm)"),
+          ("libxsmm", "libxsmm (NCHW copies timed)"),
+          ("dyve_knobs_off", "DyVE knobs off (oneDNN)"),
+          ("dyve_knobs_off_caffe_path", "DyVE knobs off, DYVE_DENSE=caffe"),
+          ("dyve_tuned", "DyVE tuned"),
+          ("onnxruntime", "ONNX Runtime"))
+
+
+def fmt(v, digits=3):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(report):
+    out = [f"# Convolution kernels per layer (scripts/kernel_bench.py)", "",
+           f"CPU: {report['cpu']} ({report['nproc']} cores; {', '.join(report['simd'])}; "
+           f"no AVX-512 unless listed), {report['openblas']}, oneDNN {report['onednn']}"
+           + (f", ONNX Runtime {report['onnxruntime']}" if "onnxruntime" in report else "")
+           + f". Load average {report['load_average_start'][0]:.2f} at the start, "
+           f"{report['load_average_end'][0]:.2f} at the end (a shared machine). "
+           f"Medians of {report['repeats']} interleaved repeats of {report['rounds']} "
+           f"rounds (>= {report['min_ms']:g} ms each). Times are ms per batch; "
+           "every column is conv + bias + ReLU.", ""]
+    for config in report["configs"]:
+        out += [f"## {config['net']}, batch {config['batch']}, {config['threads']} "
+                f"thread{'s' if config['threads'] > 1 else ''} (OPENBLAS_NUM_THREADS = "
+                f"OMP_NUM_THREADS = ORT intra-op = {config['threads']})", "",
+                f"Tuned settings: {config['tuned_source']}.", ""]
+        cols = [k for k, _ in LABELS if any(k in r["ms"] for r in config["rows"])]
+        out.append("| layer | GFLOP | " + " | ".join(dict(LABELS)[k] for k in cols) + " |")
+        out.append("|---|---|" + "---|" * len(cols))
+        for r in config["rows"]:
+            cells = [f"{fmt(r['ms'].get(k))} ({fmt(r['gflops'].get(k), 0)})"
+                     if k in r["ms"] else "–" for k in cols]
+            out.append(f"| {r['layer']} | {r['gflop']:.4f} | " + " | ".join(cells) + " |")
+        out += ["", "ms (GFLOP/s). Ratios:", "",
+                "| layer | kernel gain (stock ÷ DyVE knobs off) | DyVE knobs off ÷ ORT | "
+                "op reduction (tuned) | tuned speedup vs Caffe-path dense | "
+                "skipping efficiency | tuned speedup vs oneDNN dense |",
+                "|---|---|---|---|---|---|---|"]
+        for r in config["rows"]:
+            out.append(f"| {r['layer']} | {fmt(r['kernel_gain'], 2)} | "
+                       f"{fmt(r['knobs_off_vs_ort'], 2)} | {fmt(r['op_reduction'], 2)} | "
+                       f"{fmt(r['tuned_speedup_vs_caffe_dense'], 2)} | "
+                       f"{fmt(r['skipping_efficiency'], 2)} | "
+                       f"{fmt(r['tuned_speedup_vs_onednn_dense'], 2)} |")
+        out.append("")
+    notes = report["configs"][0]["rows"][0]["notes"]
+    out += ["Candidate notes (first layer): " + "; ".join(
+        f"{k}: {v}" for k, v in notes.items()), ""]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

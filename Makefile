@@ -160,8 +160,9 @@ resnet34: build
 	$(if $(filter 0,$(RESNET34_DYVE)),,$(PYTHON) -m dyve.resnet34 dyve --images $(RESNET34_IMAGES))
 
 # The main job: tune and measure (python/dyve/reproduce.py); reports/ and the table.
+# RESNET34=1 adds dlib's ResNet-34 row (about 25 min more; `make resnet34` alone).
 reproduce: build data-cifar10 onnx-venv
-	$(PYTHON) -m dyve.reproduce
+	$(PYTHON) -m dyve.reproduce $(if $(filter-out 0,$(RESNET34)),--resnet34)
 
 # Builds the Docker image, runs `make reproduce` in it on ../shared/data (or
 # $DYVE_DOCKER_DATA) and checks the reports and the printed table. Not part of `make test`.

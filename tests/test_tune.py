@@ -617,3 +617,36 @@ def test_frontier_and_pick(tiny, tuned, tmp_path):
     assert tune.main(["--model", tiny["model"], "--weights", tiny["weights"], "--pick",
                       "certified:99", "--frontier", str(tmp_path / "frontier.json"),
                       "--out", str(picked)]) == 2
+
+
+# ---------------------------------------------------------------------------- the paper's protocol
+
+def test_paper_protocol_on_the_tiny_net(tiny, tmp_path):
+    """conv3 never reaches the classifier: every threshold of it goes to the top of its
+    range; the tuning images are the seeded 25 %, the rest report; the tuned prototxt
+    carries the paper's knob variants."""
+    from dyve import paper_protocol
+    result = paper_protocol.tune_paper(tiny["model"], tiny["weights"], tiny["calib"],
+                                       tiny["calib"], mean=MEAN, budget=0.5, seed=3,
+                                       tune_fraction=0.25, steps=4, batch=50,
+                                       out_dir=str(tmp_path), progress=False)
+    tune_idx = result["tune_indices"]
+    assert len(tune_idx) == 50 and len(set(tune_idx)) == 50
+    assert result["images"] == {"total": N_IMAGES, "tune": 50, "report": 150}
+    again, _ = paper_protocol.split_test_set(N_IMAGES, 3, 0.25)
+    assert list(again) == tune_idx
+    ranges, chosen = result["ranges"]["conv3"], result["thresholds"]["conv3"]
+    assert chosen["sfma"] == [ranges["sfma_variance"], ranges["sfma_kernel"]] or \
+        tuple(chosen["sfma"]) == (ranges["sfma_variance"], ranges["sfma_kernel"])
+    assert tuple(chosen["sdss"]) == (ranges["sdss_max"], ranges["sdss_range"])
+    assert chosen["spet"] == ranges["spet_threshold"]
+    assert result["knob_layers"] == ["conv1", "conv2", "conv3"]
+    # every accepted search step kept the tuning loss under the budget
+    assert all(r["loss"] < 0.5 for r in result["evaluations"]
+               if r["stage"] == "search" and r["accepted"])
+    assert result["summary"]["reduction_vs_dense"] > 1.0
+    net = caffe.Net(str(tmp_path / "tuned_deploy.prototxt"), tiny["weights"], caffe.TEST)
+    conv3 = live.get_settings(net, "conv3")
+    assert conv3["spet"]["ordering"] == "INTERLEAVED" and conv3["spet"]["fraction"] == 0.5
+    assert conv3["sfma"]["spread"] == "VARIANCE" and conv3["sdss"]["stride"] == 2
+    assert (tmp_path / "search.md").read_text().startswith("# DyVE tuning, the paper's")

@@ -1,8 +1,10 @@
 """The main job (`make reproduce`): tune and measure DyVE nets against stock Caffe.
 
 1. CIFAR-10 (`cifar10_quick`, `cifar10_full`): the committed weights (models/), tuned by
-   `dyve.tune` on the calibration split (carved from the training set), then measured by
-   `dyve.bench` on the whole test set against stock Caffe (and OpenCV dnn).
+   `dyve.tune` twice: the certified protocol (a label-free search on training images, the
+   calibration split certifying) and the paper's (5 % of the test set tunes); each measured
+   by `dyve.bench` against stock Caffe (and OpenCV dnn) on its report images (the whole
+   test set, or the paper's other 95 %), and both protocols' frontiers (dyve.frontier).
 2. ImageNet nets (AlexNet, OverFeat fast/accurate, VGG-16), in the form the world allows:
    * with `--weights-dir` (WEIGHTS_DIR) holding `<net>.caffemodel` and `--imagenet-dir`
      (IMAGENET_DIR) holding labelled photos (wnid file-name prefixes): measured on those
@@ -11,8 +13,10 @@
    * otherwise the stock and DyVE forms, every knob off, are timed with filler weights on
      a few batches of the shared ImageNet photos, with no accuracy column; the row says
      "no weights: dense-path overhead only".
-3. Writes reports/<net>/ (summary.json, summary.md, plots, tune/) and reports/summary.md,
-   and prints the paper-style table.
+3. With `--resnet34` (RESNET34=1): dlib's ImageNet ResNet-34, converted and measured
+   (dyve.resnet34, docs/resnet34.md); off by default, it takes about 25 min alone.
+4. Writes reports/<net>/ (summary.json, summary.md, plots, tune/, frontier.json/.png),
+   reports/<net>_paper/ and reports/summary.md, and prints the paper-style table.
 """
 import argparse
 import os
@@ -20,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from dyve import data, tune
+from dyve import data, paper_protocol, tune
 from dyve.tools import REPO_ROOT
 
 CIFAR10_NETS = ("cifar10_quick", "cifar10_full")
@@ -39,26 +43,49 @@ def run_bench(args):
 
 
 def cifar10(net, options):
+    """Both tuning protocols on one CIFAR-10 net, each measured by dyve.bench on its report
+    images, and their frontier. Returns the summary.json paths (certified, paper)."""
     weights = repo_path("models", f"{net}.caffemodel")
     if not os.path.exists(weights):
         raise SystemExit(f"reproduce: {weights} is missing; run 'make train-cifar10' to train it")
     cifar = repo_path("data", "cifar10")
+    mean = os.path.join(cifar, "mean.binaryproto")
+    test, train = (os.path.join(cifar, f"cifar10_{s}_lmdb") for s in ("test", "train"))
+    dyve_off = repo_path("prototxt", f"{net}_dyve_deploy.prototxt")
     out_dir = os.path.join(options.out, net)
-    tune_dir = os.path.join(out_dir, "tune")
-    tune.tune(repo_path("prototxt", f"{net}_dyve_deploy.prototxt"), weights,
-              os.path.join(cifar, "cifar10_calib_lmdb"), mean=os.path.join(cifar, "mean.binaryproto"),
+    paper_dir = os.path.join(options.out, f"{net}_paper")
+    tune_dir, paper_tune_dir = os.path.join(out_dir, "tune"), os.path.join(paper_dir, "tune")
+    # Certified: a label-free search on training images (none of them the calibration
+    # split), every calibration image certifying; never the test set.
+    tune.tune(dyve_off, weights, os.path.join(cifar, "cifar10_calib_lmdb"), mean=mean,
               budget=options.budget, knobs=options.knobs, seed=options.seed, out_dir=tune_dir,
               train_val=repo_path("prototxt", f"{net}_dyve_train_val.prototxt"),
-              max_images=options.calib_images)
-    bench = ["--net", net, "--weights", weights,
-             "--stock", repo_path("prototxt", f"{net}_deploy.prototxt"),
-             "--dyve", os.path.join(tune_dir, "tuned_deploy.prototxt"),
-             "--images", os.path.join(cifar, "cifar10_test_lmdb"),
-             "--mean", os.path.join(cifar, "mean.binaryproto"),
-             "--threads", options.threads, "--out-dir", out_dir, "--opencv", "--onnx"]
+              max_images=options.calib_images, search_images=train,
+              search_count=None if options.full_search else options.search_images,
+              search_budget=options.search_budget)
+    # The paper's own protocol: 5 % of the test set tunes, the other 95 % reports.
+    paper_protocol.tune_paper(dyve_off, weights, test, train, mean=mean,
+                              budget=options.budget, seed=options.seed,
+                              out_dir=paper_tune_dir)
+    common = ["--weights", weights, "--stock", repo_path("prototxt", f"{net}_deploy.prototxt"),
+              "--images", test, "--mean", mean, "--threads", options.threads, "--opencv", "--onnx"]
     if options.test_images:
-        bench += ["--max-images", str(options.test_images)]
-    run_bench(bench)
+        common += ["--max-images", str(options.test_images)]
+    run_bench(["--net", net, "--protocol", "certified", "--out-dir", out_dir,
+               "--dyve", os.path.join(tune_dir, "tuned_deploy.prototxt"), *common])
+    run_bench(["--net", net, "--protocol", "paper", "--out-dir", paper_dir,
+               "--dyve", os.path.join(paper_tune_dir, "tuned_deploy.prototxt"),
+               "--exclude-tuning", os.path.join(paper_tune_dir, "search.json"), *common])
+    frontier = [sys.executable, "-m", "dyve.frontier", "--model", dyve_off,
+                "--weights", weights, "--images", test, "--mean", mean,
+                "--search", f"certified={os.path.join(tune_dir, 'search.json')}",
+                "--search", f"paper={os.path.join(paper_tune_dir, 'search.json')}",
+                "--out-dir", out_dir, "--title", f"{net}: ops reduction vs top-1 loss"]
+    if options.test_images:
+        frontier += ["--max-images", str(options.test_images)]
+    print("+", " ".join(frontier), flush=True)
+    subprocess.run(frontier, check=True, cwd=REPO_ROOT)
+    return [os.path.join(out_dir, "summary.json"), os.path.join(paper_dir, "summary.json")]
 
 
 def imagenet_lmdb(images_dir, name):
@@ -118,27 +145,39 @@ def main(argv=None):
                         help="knobs the tuner may use (default: spet,sdss,sfma)")
     parser.add_argument("--seed", type=int, default=1701)
     parser.add_argument("--calib-images", type=int, help="at most this many calibration images")
+    parser.add_argument("--search-images", type=int, default=5000,
+                        help="training images the certified protocol's label-free search "
+                             "runs on (default %(default)s)")
+    parser.add_argument("--full-search", action="store_true",
+                        help="search on all 45,000 training images instead (slower)")
+    parser.add_argument("--search-budget", type=float, default=3.0,
+                        help="disagreement with the dense net the search may reach, points "
+                             "(default %(default)s; the calibration images then certify "
+                             "--budget)")
     parser.add_argument("--test-images", type=int, help="at most this many test images (default all)")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="OpenBLAS thread counts timed")
-    parser.add_argument("--skip-resnet34", action="store_true",
-                        default=os.environ.get("SKIP_RESNET34", "") not in ("", "0"),
-                        help="leave out dlib's ResNet-34 row (env SKIP_RESNET34=1): about "
-                             "25 min on 2 cores (docs/resnet34.md)")
+    # Opt-in: its tuning alone takes about 15 min on 2 cores, which would break the
+    # 30 minutes the CIFAR-10 rows fit in (docs/resnet34.md; `make resnet34` runs it alone).
+    parser.add_argument("--resnet34", action="store_true",
+                        default=os.environ.get("RESNET34", "") not in ("", "0"),
+                        help="add dlib's ResNet-34 row (env RESNET34=1): about 25 min more "
+                             "on 2 cores (docs/resnet34.md)")
     options = parser.parse_args(argv)
 
     started = time.time()
     nets = [n for n in options.cifar10_nets.split(",") if n]
     imagenet_nets = [n for n in options.imagenet_nets.split(",") if n]
+    summaries = []
     for net in nets:
         if net not in CIFAR10_NETS:
             parser.error(f"unknown CIFAR-10 net '{net}' (choose from {', '.join(CIFAR10_NETS)})")
-        cifar10(net, options)
+        summaries += cifar10(net, options)
     for net in imagenet_nets:
         if net not in IMAGENET_NETS:
             parser.error(f"unknown ImageNet net '{net}' (choose from {', '.join(IMAGENET_NETS)})")
         imagenet(net, options)
-    summaries = [os.path.join(options.out, n, "summary.json") for n in nets + imagenet_nets]
-    if not options.skip_resnet34:
+    summaries += [os.path.join(options.out, n, "summary.json") for n in imagenet_nets]
+    if options.resnet34:
         from dyve import resnet34
         summary = resnet34.reproduce_row(options.out, options.imagenet_sample, options.threads)
         summaries += [summary] if summary else []

@@ -20,7 +20,7 @@ class Evaluator:
     """
 
     def __init__(self, net, images, batch, search, holdout, cache_mb=2048, progress=True,
-                 workers=1, ray=None, net_spec=None):
+                 workers=1, ray=None, net_spec=None, actor_cpus=1):
         """`images`: float32 N x C x H x W, preprocessed (caffe_io.load_images).
         `workers` / `ray`: the backend (dyve.parallel.make_backend); more than one worker
         needs `net_spec` = {"param": NetParameter bytes, "weights": path, "name": label}
@@ -44,7 +44,7 @@ class Evaluator:
         self.cacheable = self._choose_cache(cache_mb)
         self.committed = None
         self.version = 0
-        self.backend = self._start_backend(workers, ray, net_spec)
+        self.backend = self._start_backend(workers, ray, net_spec, actor_cpus)
 
     # -- structure
     def _live_in(self, k):
@@ -90,7 +90,7 @@ class Evaluator:
     def _meta(self):
         return {"dyve": list(self.dyve), "live_in": self.live_in}
 
-    def _start_backend(self, workers, ray, net_spec):
+    def _start_backend(self, workers, ray, net_spec, actor_cpus=1):
         def local():
             # the caller's own net: it already carries the settings applied so far
             runner = parallel.ShardRunner({"net": self.net}, self.images, self._meta())
@@ -102,7 +102,7 @@ class Evaluator:
                 raise parallel.ParallelError("more than one worker needs the net's "
                                              "prototxt and weights (net_spec)")
             return {"nets": {"net": net_spec}, "images": self.images, "meta": self._meta()}
-        return parallel.make_backend(workers, ray, spec, local)
+        return parallel.make_backend(workers, ray, spec, local, actor_cpus)
 
     def close(self):
         """Stop the workers (a no-op for the in-process backend)."""

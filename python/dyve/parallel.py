@@ -243,7 +243,11 @@ def load_worker(spec):
 
 def _worker_loop(fd):
     """`python3 -m dyve.parallel --worker-fd FD`: serve tasks on one pipe until it closes."""
+    import signal
     from multiprocessing.connection import Connection
+    # Ctrl-C reaches the whole process group: the driver handles it (it writes the best
+    # setting so far and closes the pipes), a worker just waits for its pipe to close
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
     try:
         runner = load_worker(conn.recv())
@@ -479,9 +483,12 @@ def import_ray():
 def ray_env(token=None):
     """This interpreter's environment with build/ray-site first on PYTHONPATH (Ray's own
     dependencies must load before Debian's copies of them), one BLAS thread, no usage
-    reporting, no 30 s drain on SIGTERM, and token authentication when `token`."""
+    reporting, no 30 s drain on SIGTERM, workers at normal priority (Ray nices them to
+    15 by default: on a busy machine they would lose the cores to everything else, which
+    is not what a comparison with local worker processes should measure), and token
+    authentication when `token`."""
     env = dict(os.environ, **WORKER_ENV, RAY_USAGE_STATS_ENABLED="0",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_worker_niceness="0",
                PYTHONPATH=os.pathsep.join(dict.fromkeys(
                    [RAY_SITE] + [p for p in sys.path if p and os.path.isdir(p)])))
     if token:
@@ -501,7 +508,9 @@ def local_ray_cluster(tmp_dir, nodes=2, cpus_per_node=1, timeout=90):
     import secrets
     import signal
     import socket
-    env = ray_env(secrets.token_hex(16))
+    # a driver in this process must have the token before it imports ray (Ray reads the
+    # auth mode once): use the one set in the environment, if any
+    env = ray_env(os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(16))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -563,7 +572,7 @@ class RayActors(Backend):
     """One Ray actor per worker on the cluster at `address` ("auto": the local one)."""
     name = "ray"
 
-    def __init__(self, address, n, spec):
+    def __init__(self, address, n, spec, actor_cpus=1):
         super().__init__()
         ray = self.ray = import_ray()
         self._own_init = not ray.is_initialized()
@@ -586,7 +595,7 @@ class RayActors(Backend):
                         net_spec["weights"] = f.read()
                 nets[key] = net_spec
             spec["nets"] = nets
-            actor = ray.remote(num_cpus=1, max_restarts=0)(_RayWorker)
+            actor = ray.remote(num_cpus=actor_cpus, max_restarts=0)(_RayWorker)
             self.actors = [actor.options(scheduling_strategy="SPREAD").remote(spec, images)
                            for _ in range(n)]
             facts = ray.get([a.ready.remote() for a in self.actors])
@@ -648,14 +657,14 @@ class RayActors(Backend):
             ray.shutdown()
 
 
-def make_backend(workers=None, ray_address=None, spec=None, local=None):
+def make_backend(workers=None, ray_address=None, spec=None, local=None, actor_cpus=1):
     """The backend for `--workers N` / `--ray ADDRESS`: InProcess(`local`) for one worker
     without Ray, else worker processes or Ray actors built from `spec` (a callable
     returning it, so that nothing is serialized when it is not needed)."""
     if workers is not None and int(workers) < 1:
         raise ParallelError(f"--workers must be >= 1, got {workers}")
     if ray_address:
-        return RayActors(ray_address, workers, spec())
+        return RayActors(ray_address, workers, spec(), actor_cpus)
     workers = default_workers() if workers is None else int(workers)
     if workers == 1:
         return InProcess(local())

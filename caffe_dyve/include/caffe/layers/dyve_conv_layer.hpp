@@ -40,7 +40,7 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
  public:
   explicit DyveConvolutionLayer(const LayerParameter& param)
       : ConvolutionLayer<Dtype>(param), dense_ready_(false),
-        dense_weights_version_(0), dense_bias_version_(0) {}
+        dense_threads_(0) {}
   virtual void LayerSetUp(const vector<Blob<Dtype>*>& bottom,
       const vector<Blob<Dtype>*>& top);
   virtual void Reshape(const vector<Blob<Dtype>*>& bottom,
@@ -88,11 +88,14 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
     DyveEffort effort;
   };
   void RefreshWeightState();
-  /// Knobs off: prepares the oneDNN kernel for the current shapes (float
-  /// blobs, 2 spatial axes); sets dense_ready_.
+  /// Knobs off: prepares the oneDNN kernels for the current shapes (float
+  /// blobs, 2 spatial axes), one per thread's share of the batch; sets
+  /// dense_ready_.
   void ConfigureDense();
   /// Knobs off: the forward through oneDNN, bias and ReLU included, if
-  /// dense_ready_; returns whether it ran (else Caffe's path must).
+  /// dense_ready_; returns whether it ran (else Caffe's path must). The
+  /// images split over as many threads as BLAS may use, one oneDNN thread
+  /// each (docs/kernels.md: OpenMP's barriers stall on a busy machine).
   bool ForwardDense(const vector<Blob<Dtype>*>& bottom,
       const vector<Blob<Dtype>*>& top);
   /// Evaluates one image: its constant maps (SFMA), then per group the grid
@@ -141,11 +144,13 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   enum { kInterior = 0, kBorder = 1, kOutside = 2 };
   std::vector<int> sfma_rect_;
   std::vector<ImageWork> works_;  // per thread
-  // The knobs-off kernel: ready for the current shapes or not (then Caffe's
-  // path runs), and the write versions of the weights and bias it holds.
-  DyveDnnlConvolution dense_;
+  // The knobs-off kernels, one per thread (the first dense_threads_ used):
+  // ready for the current shapes or not (then Caffe's path runs), and per
+  // kernel the write versions of the weights and bias it holds.
+  std::vector<shared_ptr<DyveDnnlConvolution> > dense_;
   bool dense_ready_;
-  uint64_t dense_weights_version_, dense_bias_version_;
+  int dense_threads_;
+  std::vector<uint64_t> dense_weights_version_, dense_bias_version_;
 };
 
 }  // namespace caffe

@@ -151,9 +151,19 @@ void DyveConvolutionLayer<Dtype>::ConfigureDense() {
   shape.dilation_w = dilation[1];
   shape.bias = this->bias_term_;
   shape.relu = dyve_param_.relu();
-  dense_ready_ = DenseConfigure(&dense_, shape, Dtype(0));
-  if (dense_ready_ && !dense_.has_weights()) {
-    dense_weights_version_ = dense_bias_version_ = 0;  // none held
+  // Images [t * num / threads, (t + 1) * num / threads) go to kernel t.
+  const int threads = std::max(1, std::min(this->num_, BlasThreads()));
+  while (dense_.size() < threads) {
+    dense_.push_back(shared_ptr<DyveDnnlConvolution>(
+        new DyveDnnlConvolution()));
+    dense_weights_version_.push_back(0);  // none held
+    dense_bias_version_.push_back(0);
+  }
+  dense_threads_ = threads;
+  dense_ready_ = true;
+  for (int t = 0; t < threads && dense_ready_; ++t) {
+    shape.num = (t + 1) * this->num_ / threads - t * this->num_ / threads;
+    dense_ready_ = DenseConfigure(dense_[t].get(), shape, Dtype(0));
   }
   if (dense_ready_ != was_ready) {
     LOG(INFO) << type() << " layer '" << this->layer_param_.name()
@@ -164,7 +174,7 @@ void DyveConvolutionLayer<Dtype>::ConfigureDense() {
 
 template <typename Dtype>
 std::string DyveConvolutionLayer<Dtype>::dense_path() const {
-  return dense_ready_ ? "oneDNN " + dense_.implementation() : "caffe";
+  return dense_ready_ ? "oneDNN " + dense_[0]->implementation() : "caffe";
 }
 
 template <typename Dtype>
@@ -174,18 +184,37 @@ bool DyveConvolutionLayer<Dtype>::ForwardDense(
   const uint64_t weights_version = this->blobs_[0]->data()->version();
   const uint64_t bias_version =
       this->bias_term_ ? this->blobs_[1]->data()->version() : 0;
-  if (!dense_.has_weights() || weights_version != dense_weights_version_ ||
-      bias_version != dense_bias_version_) {
-    DenseSetWeights(&dense_, this->blobs_[0]->cpu_data(),
-        this->bias_term_ ? this->blobs_[1]->cpu_data() : NULL);
-    dense_weights_version_ = weights_version;
-    dense_bias_version_ = bias_version;
+  for (int t = 0; t < dense_threads_; ++t) {
+    // A kernel prepared anew (another shape) holds no weights; one left
+    // unused for a while may hold old ones.
+    if (!dense_[t]->has_weights() ||
+        weights_version != dense_weights_version_[t] ||
+        bias_version != dense_bias_version_[t]) {
+      DenseSetWeights(dense_[t].get(), this->blobs_[0]->cpu_data(),
+          this->bias_term_ ? this->blobs_[1]->cpu_data() : NULL);
+      dense_weights_version_[t] = weights_version;
+      dense_bias_version_[t] = bias_version;
+    }
   }
-  // As many threads as BLAS may use (OPENBLAS_NUM_THREADS): oneDNN splits
-  // positions and channels, so one image uses them too.
+  const int threads = dense_threads_;
   for (int i = 0; i < bottom.size(); ++i) {
-    DenseForward(&dense_, bottom[i]->cpu_data(), top[i]->mutable_cpu_data(),
-        BlasThreads());
+    const Dtype* bottom_data = bottom[i]->cpu_data();
+    Dtype* top_data = top[i]->mutable_cpu_data();
+    std::vector<std::thread> pool;
+    for (int t = threads - 1; t >= 0; --t) {
+      const int begin = t * this->num_ / threads;
+      const Dtype* in = bottom_data + begin * this->bottom_dim_;
+      Dtype* out = top_data + begin * this->top_dim_;
+      DyveDnnlConvolution* dense = dense_[t].get();
+      if (t == 0) {
+        DenseForward(dense, in, out, 1);
+      } else {
+        pool.push_back(std::thread([dense, in, out]() {
+          DenseForward(dense, in, out, 1);
+        }));
+      }
+    }
+    for (int t = 0; t < pool.size(); ++t) pool[t].join();
   }
   return true;
 }

@@ -1258,9 +1258,13 @@ TYPED_TEST(DyveConvolutionLayerTest, TestDenseKernelFollowsChanges) {
   this->ExpectTopsNear(1e-5);
   this->RefillWeights(&layer);
   ASSERT_EQ(layer.SetDyveParam(param.dyve_param()), "");
+  // One kernel per thread: the second one idles at 1 thread while the
+  // weights change, and must not keep the old ones.
   const int saved_threads = BlasThreads();
-  for (int threads = 1; threads <= 2; ++threads) {
-    SetBlasThreads(threads);
+  const int thread_counts[] = {2, 1, 2};
+  for (int k = 0; k < 3; ++k) {
+    SetBlasThreads(thread_counts[k]);
+    if (k == 1) this->RefillWeights(&layer);
     layer.Forward(this->bottom_vec_, this->top_vec_);
     this->RunStock(s, &layer, true);
     this->ExpectTopsNear(1e-5);

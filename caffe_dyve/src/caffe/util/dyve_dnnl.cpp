@@ -47,8 +47,11 @@ struct DyveDnnlConvolution::State {
   dnnl::convolution_forward conv;
   dnnl::reorder to_kernel, to_caffe;
   // The caller's blobs (handles set per call), the re-laid ones, the weights
-  // in the kernel's format and the bias.
+  // in the kernel's format, the bias and this object's scratchpads: oneDNN's
+  // own one is shared by all primitives, which then could not run
+  // concurrently (one kernel per thread of the layer).
   dnnl::memory user_src, user_dst, src, dst, weights, bias;
+  dnnl::memory scratch, to_kernel_scratch, to_caffe_scratch;
   std::string implementation;
 };
 
@@ -98,6 +101,7 @@ bool DyveDnnlConvolution::Configure(const DyveConvShape& shape) {
         {shape.dilation_h - 1, shape.dilation_w - 1},  // oneDNN counts gaps
         {shape.pad_h, shape.pad_w}, {shape.pad_h, shape.pad_w});
     dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     if (shape.relu) {
       dnnl::post_ops ops;
       ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
@@ -111,10 +115,21 @@ bool DyveDnnlConvolution::Configure(const DyveConvShape& shape) {
     s.dst_reorder = s.pd.dst_desc() != s.user_dst.get_desc();
     s.src = s.src_reorder ? memory(s.pd.src_desc(), s.engine) : s.user_src;
     s.dst = s.dst_reorder ? memory(s.pd.dst_desc(), s.engine) : s.user_dst;
-    s.to_kernel = s.src_reorder ?
-        dnnl::reorder(s.user_src, s.src) : dnnl::reorder();
-    s.to_caffe = s.dst_reorder ?
-        dnnl::reorder(s.dst, s.user_dst) : dnnl::reorder();
+    s.scratch = memory(s.pd.scratchpad_desc(), s.engine);
+    dnnl::primitive_attr reorder_attr;
+    reorder_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (s.src_reorder) {
+      dnnl::reorder::primitive_desc rpd(s.engine, s.user_src.get_desc(),
+          s.engine, s.src.get_desc(), reorder_attr);
+      s.to_kernel = dnnl::reorder(rpd);
+      s.to_kernel_scratch = memory(rpd.scratchpad_desc(), s.engine);
+    }
+    if (s.dst_reorder) {
+      dnnl::reorder::primitive_desc rpd(s.engine, s.dst.get_desc(),
+          s.engine, s.user_dst.get_desc(), reorder_attr);
+      s.to_caffe = dnnl::reorder(rpd);
+      s.to_caffe_scratch = memory(rpd.scratchpad_desc(), s.engine);
+    }
     s.weights = memory(s.pd.weights_desc(), s.engine);
     s.bias = shape.bias ? memory(bias_desc, s.engine) : memory();
     s.implementation = s.pd.impl_info_str();
@@ -156,12 +171,19 @@ void DyveDnnlConvolution::Forward(const float* bottom, float* top,
   omp_set_num_threads(threads);
   s.user_src.set_data_handle(const_cast<float*>(bottom));
   s.user_dst.set_data_handle(top);
-  if (s.src_reorder) s.to_kernel.execute(s.stream, s.user_src, s.src);
+  if (s.src_reorder) {
+    s.to_kernel.execute(s.stream, {{DNNL_ARG_FROM, s.user_src},
+        {DNNL_ARG_TO, s.src}, {DNNL_ARG_SCRATCHPAD, s.to_kernel_scratch}});
+  }
   std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, s.src},
-      {DNNL_ARG_WEIGHTS, s.weights}, {DNNL_ARG_DST, s.dst}};
+      {DNNL_ARG_WEIGHTS, s.weights}, {DNNL_ARG_DST, s.dst},
+      {DNNL_ARG_SCRATCHPAD, s.scratch}};
   if (s.shape.bias) args[DNNL_ARG_BIAS] = s.bias;
   s.conv.execute(s.stream, args);
-  if (s.dst_reorder) s.to_caffe.execute(s.stream, s.dst, s.user_dst);
+  if (s.dst_reorder) {
+    s.to_caffe.execute(s.stream, {{DNNL_ARG_FROM, s.dst},
+        {DNNL_ARG_TO, s.user_dst}, {DNNL_ARG_SCRATCHPAD, s.to_caffe_scratch}});
+  }
   s.stream.wait();
 }
 

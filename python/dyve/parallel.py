@@ -326,7 +326,8 @@ class InProcess(Backend):
     def __init__(self, runner):
         super().__init__()
         self.runner = runner
-        self.info = {"blas_threads": None}
+        from dyve.machine import openblas_info
+        self.info = {"blas_threads": [openblas_info()["threads"]], "pids": [os.getpid()]}
 
     def run(self, tasks, progress=None):
         return {shard: self.runner.run(task, progress) for shard, task in tasks}
@@ -355,9 +356,13 @@ class LocalProcesses(Backend):
                 spec["images"] = images_for_workers(spec["images"], self.tmp_dir)
             for _ in range(self.n_workers):
                 parent, child = Pipe()
+                # A session of its own per worker, as each Ray node has: with the kernel's
+                # autogroups (sched_autogroup_enabled) CPU time is shared out per session,
+                # so on a busy machine N workers in the driver's session would get one
+                # session's share between them. The pipe, not the terminal, ends them.
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "dyve.parallel", "--worker-fd", str(child.fileno())],
-                    pass_fds=[child.fileno()], env=env)
+                    pass_fds=[child.fileno()], env=env, start_new_session=True)
                 child.close()
                 self.conns.append(parent)
                 self.procs.append(proc)

@@ -6,8 +6,8 @@ the trained CIFAR-10 nets on test-LMDB images, the ImageNet-shaped ones (AlexNet
 OverFeat, VGG-16, ResNet-34) with seeded filler weights on two of the shared photos. A
 synthetic net covers the layer options the shipped nets do not use (ceil pooling that
 Caffe clips, AVE windows past the padding, FLOOR rounding, LRN both ways, Eltwise,
-Power, BatchNorm, Scale, ...). About 2 minutes on 2 cores, most of it VGG-16 and the
-OverFeat nets in Caffe.
+Power, BatchNorm, Scale, ...). About 110 s of CPU (3 min wall on a loaded 2-core machine),
+most of it moving VGG-16's and the OverFeat nets' weights through the export and ORT.
 """
 import os
 import subprocess

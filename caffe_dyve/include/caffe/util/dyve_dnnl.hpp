@@ -51,7 +51,9 @@ class DyveDnnlConvolution {
   /// Whether SetWeights was called since the last shape change.
   bool has_weights() const;
   /// top = the convolution of bottom, plus the bias, rectified if the shape
-  /// says so; on `threads` threads (oneDNN's OpenMP runtime).
+  /// says so. The kernel is made for one OpenMP thread (Configure): more
+  /// `threads` only help a kernel made for them. DyveConvolution runs one
+  /// kernel per thread of its own instead (docs/kernels.md).
   void Forward(const float* bottom, float* top, int threads);
   /// oneDNN's implementation of the prepared kernel ("jit:avx2"), or "".
   std::string implementation() const;

@@ -36,6 +36,25 @@ bool DyveDnnlConvolution::Available() {
 
 #ifdef DYVE_USE_DNNL
 
+namespace {
+
+// Sets the calling thread's OpenMP thread count for its lifetime, then puts
+// the old one back: oneDNN fixes a kernel's thread count when it creates it
+// (from omp_get_max_threads, which is the core count unless OMP_NUM_THREADS
+// says otherwise) and runs that many at every execution.
+class OmpThreads {
+ public:
+  explicit OmpThreads(int threads) : saved_(omp_get_max_threads()) {
+    omp_set_num_threads(threads);
+  }
+  ~OmpThreads() { omp_set_num_threads(saved_); }
+
+ private:
+  const int saved_;
+};
+
+}  // namespace
+
 struct DyveDnnlConvolution::State {
   State() : configured(false), usable(false), weighted(false),
       src_reorder(false), dst_reorder(false) {}
@@ -85,6 +104,7 @@ bool DyveDnnlConvolution::Configure(const DyveConvShape& shape) {
       memory::dims({g, shape.num_output / g, shape.channels / g,
           shape.kernel_h, shape.kernel_w});
   const memory::dims b_dims = {shape.num_output};
+  const OmpThreads one_thread(1);  // see Forward
   try {
     if (!s.engine) {
       s.engine = dnnl::engine(dnnl::engine::kind::cpu, 0);
@@ -168,7 +188,7 @@ void DyveDnnlConvolution::Forward(const float* bottom, float* top,
   State& s = *state_;
   CHECK(s.usable && s.weighted)
       << "DyveDnnlConvolution::Forward before Configure and SetWeights";
-  omp_set_num_threads(threads);
+  const OmpThreads team(threads);
   s.user_src.set_data_handle(const_cast<float*>(bottom));
   s.user_dst.set_data_handle(top);
   if (s.src_reorder) {

@@ -62,7 +62,7 @@ def cifar10(net, options):
               train_val=repo_path("prototxt", f"{net}_dyve_train_val.prototxt"),
               max_images=options.calib_images, search_images=train,
               search_count=None if options.full_search else options.search_images,
-              search_budget=options.search_budget)
+              search_budget=options.search_budget, workers=options.workers)
     # The paper's own protocol: 5 % of the test set tunes, the other 95 % reports.
     paper_protocol.tune_paper(dyve_off, weights, test, train, mean=mean,
                               budget=options.budget, seed=options.seed,
@@ -154,6 +154,10 @@ def main(argv=None):
                         help="disagreement with the dense net the search may reach, points "
                              "(default %(default)s; the calibration images then certify "
                              "--budget)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="worker processes of the certified tuner's evaluation loop "
+                             "(default: the cores; the same answer for any count, "
+                             "docs/parallel.md)")
     parser.add_argument("--test-images", type=int, help="at most this many test images (default all)")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="OpenBLAS thread counts timed")
     # Opt-in: its tuning alone takes about 15 min on 2 cores, which would break the

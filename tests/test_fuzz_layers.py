@@ -1,8 +1,9 @@
 """A seeded differential fuzz of DyveConvolution against Caffe's own Convolution on random
-shapes (group, stride, pad, dilation included), on the SIMD path and on the portable one
-(DYVE_SIMD=portable): knobs off == stock, exact mode == relu(stock), the BOUND gate at
-scale 1 == relu(stock) on rectified inputs. Also: a NaN anywhere in exact mode's input is
-refused with a message, not silently turned into 0."""
+shapes (group, stride, pad, dilation included), on each dispatch: the SIMD and oneDNN
+kernels this CPU picks, the portable kernels with oneDNN held to SSE4.1, and Caffe's
+dense path (DYVE_DENSE=caffe): knobs off == stock, exact mode == relu(stock), the BOUND
+gate at scale 1 == relu(stock) on rectified inputs. Also: a NaN anywhere in exact mode's
+input is refused with a message, not silently turned into 0."""
 import json
 import os
 import subprocess
@@ -75,12 +76,20 @@ def run_cases(seed, count, out_path):
         json.dump(errors, f)
 
 
+# The dispatch variants: the project's SIMD kernels and oneDNN's (knobs off) as this CPU
+# picks them; the portable kernels with oneDNN held to its lowest x86 ISA (SSE4.1, what a
+# CPU without AVX gets); Caffe's im2col + BLAS dense path instead of oneDNN.
+DISPATCH = {"dispatched": {},
+            "portable": {"DYVE_SIMD": "portable", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+            "caffe dense": {"DYVE_DENSE": "caffe"}}
+
+
 def _run(tmp_path, simd):
-    out = tmp_path / f"fuzz_{simd}.json"
+    out = tmp_path / f"fuzz_{simd.replace(' ', '_')}.json"
     env = dict(os.environ)
-    env.pop("DYVE_SIMD", None)
-    if simd == "portable":
-        env["DYVE_SIMD"] = "portable"
+    for name in ("DYVE_SIMD", "ONEDNN_MAX_CPU_ISA", "DYVE_DENSE"):
+        env.pop(name, None)
+    env.update(DISPATCH[simd])
     here = os.path.dirname(os.path.abspath(__file__))
     code = (f"import sys; sys.path.insert(0, {here!r}); import test_fuzz_layers as t; "
             f"t.run_cases({SEED}, {CASES_PER_RUN}, {str(out)!r})")
@@ -90,7 +99,7 @@ def _run(tmp_path, simd):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("simd", ["dispatched", "portable"])
+@pytest.mark.parametrize("simd", list(DISPATCH))
 def test_random_shapes_match_stock(tmp_path, simd):
     errors = _run(tmp_path, simd)
     for check, values in errors.items():

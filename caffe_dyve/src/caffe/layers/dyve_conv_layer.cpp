@@ -9,6 +9,14 @@
 
 namespace caffe {
 
+// Out-of-line definitions: std::min takes its arguments by reference, which
+// needs the constants' storage in C++11 (an optimised build inlines it away,
+// the sanitizer build does not).
+template <typename Dtype>
+const int DyveConvolutionLayer<Dtype>::kRowsPerPass;
+template <typename Dtype>
+const int DyveConvolutionLayer<Dtype>::kSlack;
+
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::LayerSetUp(
     const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {

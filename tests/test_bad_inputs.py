@@ -5,13 +5,13 @@ and without leaving outputs behind."""
 import os
 
 import caffe
-import lmdb
 import numpy as np
 import pytest
 from caffe.proto import caffe_pb2
 
 from dyve import bench, tune
 from dyve.tools import REPO_ROOT
+from test_tune import write_lmdb
 
 PROTO = os.path.join(REPO_ROOT, "prototxt")
 STOCK = os.path.join(PROTO, "cifar10_quick_deploy.prototxt")
@@ -45,16 +45,6 @@ def _both_refuse(tmp_path, capsys, needles, **files):
         for needle in needles:
             assert needle in err, f"{name}: {err}"
         assert not any(out.glob("*.prototxt")) and not (out / "summary.json").exists()
-
-
-def _datum_lmdb(path, records):
-    env = lmdb.open(str(path), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        for i, (image, label) in enumerate(records):
-            datum = caffe.io.array_to_datum(image, label)
-            txn.put(f"{i:08d}".encode(), datum.SerializeToString())
-    env.close()
-    return str(path)
 
 
 def test_empty_caffemodel(tmp_path, capsys):
@@ -96,17 +86,17 @@ def test_non_finite_mean_file(tmp_path, capsys):
 
 def test_images_smaller_than_the_net(tmp_path, capsys):
     rng = np.random.RandomState(0)
-    small = _datum_lmdb(tmp_path / "small_lmdb",
-                        [(rng.randint(0, 255, (3, 24, 24)).astype(np.uint8), i % 10)
-                         for i in range(40)])
+    small = write_lmdb(tmp_path / "small_lmdb",
+                       rng.randint(0, 255, (40, 3, 24, 24)).astype(np.uint8),
+                       np.arange(40) % 10)
     _both_refuse(tmp_path, capsys, [small, "24"], images=small)
 
 
 def test_labels_out_of_range(tmp_path, capsys):
     rng = np.random.RandomState(1)
-    bad = _datum_lmdb(tmp_path / "labels_lmdb",
-                      [(rng.randint(0, 255, (3, 32, 32)).astype(np.uint8), 3 + i % 10)
-                       for i in range(40)])
+    bad = write_lmdb(tmp_path / "labels_lmdb",
+                     rng.randint(0, 255, (40, 3, 32, 32)).astype(np.uint8),
+                     3 + np.arange(40) % 10)
     _both_refuse(tmp_path, capsys, [bad, "12"], images=bad)
 
 

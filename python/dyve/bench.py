@@ -133,34 +133,37 @@ def accuracy_pass(stock, dyve, images, labels, batch, cv_net=None, ort=None, bac
     whole batches merged in batch order, so the scores and counters are those of the
     serial pass bit for bit; OpenCV and ONNX Runtime stay in this process."""
     live.reset_effort(dyve)
-    scores = {"stock": [], "dyve": []}
+    scores, effort = {}, None
     if backend is not None:
         bar = _progress(total=len(images), desc="accuracy pass (workers)", unit=" img")
         try:
-            par_scores, par_effort = parallel.scores_pass(
+            scores, effort = parallel.scores_pass(
                 backend, len(images), batch, ("stock", "dyve"), "dyve", bar.update)
         finally:
             bar.close()
-        scores = {}
+    # The engines run here, batch by batch: the Caffe nets unless the workers ran them.
+    here = {} if backend is not None else {"stock": lambda x: caffe_io.forward(stock, x),
+                                          "dyve": lambda x: caffe_io.forward(dyve, x)}
     if cv_net is not None:
-        scores["opencv"] = []
+        here["opencv"] = lambda x: engines.opencv_forward(cv_net, x)
     if ort is not None:
-        scores["onnx"] = []
-    for start in _progress(range(0, len(images), batch), desc="accuracy pass",
-                           unit=" batch"):
-        x = images[start:start + batch]
-        if backend is None:
-            scores["stock"].append(caffe_io.forward(stock, x))
-            scores["dyve"].append(caffe_io.forward(dyve, x))
-        if cv_net is not None:
-            scores["opencv"].append(engines.opencv_forward(cv_net, x))
-        if ort is not None:
+        def onnx_forward(x):
             out = ort.run(x, [caffe_io.output_blob(stock)])
-            scores["onnx"].append(next(iter(out.values())).reshape(len(x), -1))
-    scores = {k: np.concatenate(v) for k, v in scores.items()}
-    if backend is not None:
-        return {**par_scores, **scores}, par_effort
-    return scores, live.effort(dyve)
+            return next(iter(out.values())).reshape(len(x), -1)
+        here["onnx"] = onnx_forward
+    if here:
+        parts = {engine: [] for engine in here}
+        for start in _progress(range(0, len(images), batch), desc="accuracy pass",
+                               unit=" batch"):
+            x = images[start:start + batch]
+            for engine, forward in here.items():
+                parts[engine].append(forward(x))
+        scores.update({k: np.concatenate(v) for k, v in parts.items()})
+    return scores, effort if backend is not None else live.effort(dyve)
+
+
+# The engines scored beside stock and DyVE, each against stock.
+OTHER_ENGINES = ("opencv", "onnx")
 
 
 def accuracy_summary(scores, labels, with_accuracy, images_path="--images"):
@@ -168,12 +171,11 @@ def accuracy_summary(scores, labels, with_accuracy, images_path="--images"):
     result = {"num_classes": int(classes),
               "agreement_top1": float((scores["dyve"].argmax(1)
                                        == scores["stock"].argmax(1)).mean())}
-    if "opencv" in scores:
-        result["agreement_top1_opencv"] = float((scores["opencv"].argmax(1)
-                                                 == scores["stock"].argmax(1)).mean())
+    others = [e for e in OTHER_ENGINES if e in scores]
+    for engine in others:
+        result[f"agreement_top1_{engine}"] = float((scores[engine].argmax(1)
+                                                    == scores["stock"].argmax(1)).mean())
     if "onnx" in scores:
-        result["agreement_top1_onnx"] = float((scores["onnx"].argmax(1)
-                                               == scores["stock"].argmax(1)).mean())
         result["onnx_max_abs_diff"] = export_onnx.output_max_abs_diff(scores["onnx"],
                                                                       scores["stock"])
     if not with_accuracy:
@@ -184,12 +186,9 @@ def accuracy_summary(scores, labels, with_accuracy, images_path="--images"):
         correct = {e: stats.topk_correct(s, labels, k) for e, s in scores.items()}
         entry = paired_entry(correct["stock"], correct["dyve"])
         entry = {"stock": entry.pop("ref"), "dyve": entry.pop("new"), **entry}
-        if "opencv" in correct:
-            entry["opencv"] = float(correct["opencv"].mean())
-            entry["opencv_vs_stock"] = paired_entry(correct["stock"], correct["opencv"])
-        if "onnx" in correct:
-            entry["onnx"] = float(correct["onnx"].mean())
-            entry["onnx_vs_stock"] = paired_entry(correct["stock"], correct["onnx"])
+        for engine in others:
+            entry[engine] = float(correct[engine].mean())
+            entry[f"{engine}_vs_stock"] = paired_entry(correct["stock"], correct[engine])
         result[f"top{k}"] = entry
     top1 = result["top1"]["stock"]
     if len(labels) >= 50 and top1 <= CHANCE_FACTOR / classes:

@@ -590,15 +590,42 @@ def test_label_free_search_then_every_calibration_image_certifies(tiny, tmp_path
     assert result["summary"]["reduction_vs_dense"] > 1.0
 
 
+@pytest.mark.parametrize("certify, final_step", [("bound", 2), ("estimate", 3)])
+def test_certify_bound_or_estimate(tiny, tmp_path, certify, final_step):
+    # The greedy path's last step (conv2 SDSS) flips 1 of the 60 calibration images:
+    # loss 1.67 pp, UCB 4.41 pp. Under a 2-point budget the bound walks it back to step 2
+    # (no flip); the estimate keeps it.
+    result = run(tiny, tmp_path, max_images=60, search_images=tiny["calib"],
+                 search_count=100, search_budget=10.0, budget=2.0, certify=certify)
+    assert result["config"]["certify"] == certify
+    last = result["holdout"]["checks"][0]
+    assert last["step"] == 3 and (last["n_rw"], last["n_wr"]) == (1, 0)
+    assert last["loss"] == pytest.approx(100 / 60) and 4.0 < last["ucb"] < 4.5
+    assert result["final_step"] == final_step
+    assert result["summary"]["holdout_verified"]
+    assert result["summary"]["holdout"]["loss"] == (0.0 if certify == "bound"
+                                                    else pytest.approx(100 / 60))
+
+
+def test_certify_refuses_an_unknown_mode(tiny, tmp_path):
+    with pytest.raises(tune.TuneError, match="--certify must be one of bound, estimate"):
+        run(tiny, tmp_path, certify="mean")
+
+
 def test_frontier_and_pick(tiny, tuned, tmp_path):
     from dyve import frontier
     result, out = tuned
     code = frontier.main(["--model", tiny["model"], "--weights", tiny["weights"],
                           "--images", tiny["calib"], "--mean", MEAN, "--search",
                           f"certified={out / 'search.json'}", "--out-dir",
-                          str(tmp_path), "--quiet"])
+                          str(tmp_path), "--quiet", "--workers", "2"])
     assert code == 0 and (tmp_path / "frontier.png").is_file()
     doc = json.loads((tmp_path / "frontier.json").read_text())
+    # one process measures the same numbers as two worker processes
+    serial = frontier.measure(tiny["model"], tiny["weights"], tiny["calib"], MEAN,
+                              {"certified": frontier.read_search(str(out / "search.json"))},
+                              progress=False, workers=1)
+    assert serial == doc["runs"]
     run = doc["runs"]["certified"]
     # the chosen setting, measured again on the same images, reproduces the tuner's ops
     assert run["chosen"]["settings"] == result["final_settings"]

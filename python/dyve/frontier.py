@@ -18,7 +18,7 @@ if __name__ == "__main__":
 
 import numpy as np
 
-from dyve import caffe_io, files, stats, tuned
+from dyve import caffe_io, files, parallel, stats, tuned
 from dyve import settings as dyve_settings
 from dyve.errors import DyveError, InputError
 from dyve.evaluator import Evaluator
@@ -66,16 +66,19 @@ def full_settings(compact, dyve_layers, base):
 
 
 def measure(model, weights, images, mean, runs, batch=100, exclude=None, progress=True,
-            max_images=None):
+            max_images=None, workers=1):
     """{run name: {"points": [...], "chosen": {...}}} of each run's front and chosen
     setting on the report images; `runs` = {name: search.json document}; `exclude`:
-    {name: image indices that run tuned on} (left out of its measurement)."""
+    {name: image indices that run tuned on} (left out of its measurement); `workers`:
+    local worker processes (dyve.parallel; the same numbers for any count)."""
     net_param, _ = caffe_io.dyve_net_param(model)
     net = caffe_io.load_net(net_param, weights, model_name=model)
     shape = tuple(net.blobs[caffe_io.input_blob(net)].data.shape[1:])
     x, labels = caffe_io.load_images(images, shape, mean, max_images)
     caffe_io.check_labels(labels, net.blobs[caffe_io.output_blob(net)].data[0].size, images)
     batch = min(batch, len(x), caffe_io.max_batch(shape))
+    net_spec = {"param": net_param.SerializeToString(), "weights": os.path.abspath(weights),
+                "name": model}
     out = {}
     for name, doc in runs.items():
         keep = np.ones(len(x), bool)
@@ -83,31 +86,39 @@ def measure(model, weights, images, mean, runs, batch=100, exclude=None, progres
             tuned_on = np.asarray(exclude[name], np.int64)
             keep[tuned_on[tuned_on < len(x)]] = False
         idx = np.nonzero(keep)[0]
-        ev = Evaluator(net, x, batch, idx, [], cache_mb=0, progress=progress)
-        dense = ev.evaluate(ev.base, "search", desc=f"{name}: dense")
-        y = labels[idx]
-        ref = dense["preds"] == y
-        dense_ops = sum(dense["effort"][n]["macs_dense"] for n in ev.dyve) / dense["n"]
-
-        def point(compact, source):
-            res = ev.evaluate(full_settings(compact, ev.dyve, ev.base), "search",
-                              desc=f"{name}: point")
-            st = stats.paired(ref, res["preds"] == y, 0.95, unit=100.0)
-            return {"settings": compact, "ops": res["ops"],
-                    "ops_reduction": dense_ops / res["ops"],
-                    **{k: st[k] for k in ("loss", "ci_low", "ci_high", "n_rw", "n_wr")},
-                    **source}
-
-        points = [point(r["settings"], {"record": r["id"], "search_loss": r["loss"],
-                                        "search_ops": r["ops"]})
-                  for r in front_points(doc)]
-        chosen = point(doc["final_settings"], {"record": None})
-        for i, p in enumerate(points):
-            p["id"] = f"{name}:{i}"
-        chosen["id"] = f"{name}:chosen"
-        out[name] = {"points": points, "chosen": chosen, "images": int(len(idx)),
-                     "dense_top1": 100.0 * float(ref.mean()), "dense_ops": dense_ops}
+        ev = Evaluator(net, x, batch, idx, [], cache_mb=0, progress=progress,
+                       workers=workers, net_spec=net_spec)
+        try:
+            out[name] = _measure_run(ev, name, doc, labels[idx])
+        finally:
+            ev.close()
     return out
+
+
+def _measure_run(ev, name, doc, y):
+    """One run's front points and chosen setting, measured by `ev` on its images `y`."""
+    dense = ev.evaluate(ev.base, "search", desc=f"{name}: dense")
+    ref = dense["preds"] == y
+    dense_ops = sum(dense["effort"][n]["macs_dense"] for n in ev.dyve) / dense["n"]
+
+    def point(compact, source):
+        res = ev.evaluate(full_settings(compact, ev.dyve, ev.base), "search",
+                          desc=f"{name}: point")
+        st = stats.paired(ref, res["preds"] == y, 0.95, unit=100.0)
+        return {"settings": compact, "ops": res["ops"],
+                "ops_reduction": dense_ops / res["ops"],
+                **{k: st[k] for k in ("loss", "ci_low", "ci_high", "n_rw", "n_wr")},
+                **source}
+
+    points = [point(r["settings"], {"record": r["id"], "search_loss": r["loss"],
+                                    "search_ops": r["ops"]})
+              for r in front_points(doc)]
+    chosen = point(doc["final_settings"], {"record": None})
+    for i, p in enumerate(points):
+        p["id"] = f"{name}:{i}"
+    chosen["id"] = f"{name}:chosen"
+    return {"points": points, "chosen": chosen, "images": int(len(y)),
+            "dense_top1": 100.0 * float(ref.mean()), "dense_ops": dense_ops}
 
 
 def plot(frontier, out_png, title):
@@ -178,8 +189,13 @@ def main(argv=None):
                         "images only (default: all)")
     parser.add_argument("--out-dir", required=True, help="where frontier.json/.png go")
     parser.add_argument("--title", help="plot title (default: the model's name)")
+    parser.add_argument("--workers", type=int, default=parallel.default_workers(),
+                        help="local worker processes, one OpenBLAS thread each (default: "
+                             "the cores; the same numbers for any count, docs/parallel.md)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     try:
         runs, exclude = {}, {}
         for item in args.search:
@@ -192,7 +208,7 @@ def main(argv=None):
         files.ensure_writable_dir(args.out_dir)
         measured = measure(args.model, args.weights, args.images, args.mean, runs,
                            args.batch, exclude, progress=not args.quiet,
-                           max_images=args.max_images)
+                           max_images=args.max_images, workers=args.workers)
         frontier = {"model": args.model, "weights": args.weights, "images": args.images,
                     "paper_band": list(PAPER_BAND), "runs": measured,
                     "searches": {n: item.partition("=")[2] for n, item in

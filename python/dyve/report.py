@@ -508,8 +508,12 @@ def tuning_markdown(result):
     lines += [f"- model `{result['model']}`, weights `{result['weights']}`",
               f"- calibration `{result['calib']['path']}`: {result['images']['search']} search + "
               f"{result['images']['holdout']} holdout images (seed {cfg['seed']})",
-              f"- budget {cfg['budget']} pp top-1 at {100 * cfg['confidence']:g} % "
-              f"confidence (one-sided UCB, z = {cfg['z']:.3f}); knobs {', '.join(result['knobs'])}",
+              (f"- budget {cfg['budget']} pp top-1 on the holdout's measured loss "
+               f"(--certify estimate; its UCB at {100 * cfg['confidence']:g} % reported)"
+               if cfg.get("certify") == "estimate" else
+               f"- budget {cfg['budget']} pp top-1 at {100 * cfg['confidence']:g} % "
+               f"confidence (one-sided UCB, z = {cfg['z']:.3f})")
+              + f"; knobs {', '.join(result['knobs'])}",
               f"- {result['n_evaluations']} evaluations in {result['elapsed_s']:.0f} s"]
     if b:
         lines.append(f"- baseline top-1 {b['accuracy']:.2f} % on the calibration images")

@@ -62,7 +62,8 @@ def cifar10(net, options):
               train_val=repo_path("prototxt", f"{net}_dyve_train_val.prototxt"),
               max_images=options.calib_images, search_images=train,
               search_count=None if options.full_search else options.search_images,
-              search_budget=options.search_budget, workers=options.workers)
+              search_budget=options.search_budget, certify=options.certify,
+              workers=options.workers)
     # The paper's own protocol: 5 % of the test set tunes, the other 95 % reports.
     paper_protocol.tune_paper(dyve_off, weights, test, train, mean=mean,
                               budget=options.budget, seed=options.seed,
@@ -80,7 +81,8 @@ def cifar10(net, options):
                 "--weights", weights, "--images", test, "--mean", mean,
                 "--search", f"certified={os.path.join(tune_dir, 'search.json')}",
                 "--search", f"paper={os.path.join(paper_tune_dir, 'search.json')}",
-                "--out-dir", out_dir, "--title", f"{net}: ops reduction vs top-1 loss"]
+                "--out-dir", out_dir, "--title", f"{net}: ops reduction vs top-1 loss",
+                "--workers", str(options.workers)]
     if options.test_images:
         frontier += ["--max-images", str(options.test_images)]
     print("+", " ".join(frontier), flush=True)
@@ -117,10 +119,11 @@ def imagenet(net, options):
                    "--images", images, "--mean", mean, "--threads", options.threads,
                    "--onnx", "--out-dir", out_dir])
         return
-    # No weights: the dense path's overhead, timed on a few batches of real photos.
+    # No weights: the dense path's overhead, timed on one batch of real photos (two
+    # repeats: these rows took 8 of the 26 minutes with 8 images and three).
     run_bench(["--net", net, "--stock", stock, "--dyve", dyve_off,
-               "--images", options.imagenet_sample, "--max-images", "8", "--batch", "4",
-               "--time-images", "4", "--repeats", "3", "--threads", options.threads,
+               "--images", options.imagenet_sample, "--max-images", "4", "--batch", "4",
+               "--time-images", "4", "--repeats", "2", "--threads", options.threads,
                "--onnx", "--out-dir", out_dir])
 
 
@@ -154,9 +157,14 @@ def main(argv=None):
                         help="disagreement with the dense net the search may reach, points "
                              "(default %(default)s; the calibration images then certify "
                              "--budget)")
+    parser.add_argument("--certify", choices=tuple(tune.CERTIFY), default="bound",
+                        help="what of the calibration loss the certified protocol holds "
+                             "within --budget: its 95 %% UCB (default) or the estimate "
+                             "(docs/tuner.md)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="worker processes of the certified tuner's evaluation loop "
-                             "(default: the cores; the same answer for any count, "
+                             "and of the frontier's (default: the cores; the same answer "
+                             "for any count, "
                              "docs/parallel.md)")
     parser.add_argument("--test-images", type=int, help="at most this many test images (default all)")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="OpenBLAS thread counts timed")

@@ -46,6 +46,13 @@ DEFAULT_KNOBS = APPROX_KNOBS  # exact mode is opt-in: it saves MACs but costs wa
 TIE_TOLERANCE = 1e-4        # exact mode may flip a prediction only on a tie this close
 MAX_SEED = 2 ** 32 - 1      # numpy.random.RandomState's range
 
+# How the calibration images certify the greedy path's last step that they accept:
+# "bound": its one-sided UCB (loss + z * SE) within the budget, so the true loss exceeds
+# the budget with probability <= 1 - confidence, and the expected loss lands well under
+# it; "estimate": its measured loss within the budget, which spends the budget (the
+# expected loss lands near it) and reports the UCB beside it (docs/tuner.md).
+CERTIFY = {"bound": "ucb", "estimate": "loss"}
+
 # Keys of search.json that depend on the clock or the output location.
 VOLATILE_KEYS = ("elapsed_s", "time_s", "started", "finished", "out_dir", "files",
                  "parallel")  # parallel: the backend, its workers' pids and nodes
@@ -168,7 +175,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
          holdout=0.3, confidence=0.95, batch=100, max_images=None, out_dir=None,
          train_val=None, patience=1, sweep_images=None, cache_mb=2048, bank_gains=False,
          progress=True, hook=None, write=True, search_images=None, search_count=None,
-         search_budget=None, workers=1, ray=None):
+         search_budget=None, workers=1, ray=None, certify="bound"):
     """Tune the DyVE knobs of `model` with `weights` on `calib` (see the module docstring).
 
     `hook`, if given, is called with each evaluation record (a dict) right after it is
@@ -177,6 +184,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     `search_count` of) them, judged against the dense net's own predictions under
     `search_budget` points of disagreement, and every calibration image certifies
     (docs/tuner.md, Label-free search).
+    `certify`: "bound" or "estimate", what of the holdout's loss must be within
+    `budget` (CERTIFY).
     `workers` / `ray`: evaluate over that many worker processes, or on the Ray cluster
     at that address (dyve.parallel); the result is the same bit for bit.
     Returns the search.json content; writes the outputs into `out_dir` when `write`.
@@ -210,6 +219,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         raise TuneError(f"--search-budget must be >= 0 percentage points, got "
                         f"{search_budget}")
     search_budget = budget if search_budget is None else search_budget
+    if certify not in CERTIFY:
+        raise TuneError(f"--certify must be one of {', '.join(CERTIFY)}, got {certify!r}")
     caffe_io.need_file(weights, "--weights", "caffemodel")
     calib_kind = caffe_io.image_source(calib, "--calib")
     net_param, converted = caffe_io.dyve_net_param(model)
@@ -263,7 +274,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         "tool": "dyve.tune", "model": model, "weights": weights, "calib": calib_info,
         "mean": mean, "converted_from_stock": converted, "net": net_param.name,
         "dyve_layers": ev.dyve, "knobs": list(knobs),
-        "config": {"budget": budget, "search_budget": search_budget,
+        "config": {"budget": budget, "search_budget": search_budget, "certify": certify,
                    "search_images": search_images, "search_count": search_count,
                    "search_labels": "dense predictions" if search_images else "labels",
                    "seed": seed, "holdout": None if search_images else holdout,
@@ -550,7 +561,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                                       desc=f"holdout (step {k})")
                     rec, st = record(stage, step["settings"], res, p0_h, y_h,
                                      subset="holdout", accepted=None, step=k, t0=t0)
-                ok = _fits(st, budget)
+                ok = _fits(st, budget, CERTIFY[certify])
                 rec["accepted"] = ok
                 verification["checks"].append(
                     {"step": k, "record": rec["id"], "ops": res["ops"],
@@ -560,8 +571,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                 if ok or k == 0:
                     verification["passed"] = bool(ok)
                     break
-                say(f"holdout: UCB {st['ucb']:.2f} pp over the budget at step {k}; "
-                    "undoing it")
+                say(f"holdout: {'UCB' if certify == 'bound' else 'loss'} "
+                    f"{st[CERTIFY[certify]]:.2f} pp over the budget at step {k}; undoing it")
                 k -= 1
                 verification["undone_steps"] += 1
                 state["best"] = copy.deepcopy(state["steps"][k]["settings"])
@@ -719,6 +730,12 @@ def main(argv=None):
                         help="the search's budget in points of its statistic (default: "
                              "--budget); with --search-images it bounds disagreement with "
                              "the dense net, and the certification picks the point")
+    parser.add_argument("--certify", choices=tuple(CERTIFY), default="bound",
+                        help="what the holdout (with --search-images: every calibration "
+                             "image) holds within --budget: bound (default), the one-sided "
+                             "UCB of the loss, so the loss stays under the budget with "
+                             "--confidence and lands well below it; estimate, the measured "
+                             "loss, which spends the budget (docs/tuner.md)")
     parser.add_argument("--sweep-images", type=int,
                         help="sensitivity sweep on the first N search images only "
                              "(default: all search images)")
@@ -789,7 +806,7 @@ def main(argv=None):
             sweep_images=args.sweep_images, cache_mb=args.cache_mb,
             bank_gains=args.bank_gains, progress=not args.quiet,
             search_images=args.search_images, search_count=args.search_count,
-            search_budget=args.search_budget,
+            search_budget=args.search_budget, certify=args.certify,
             workers=(args.workers if args.workers is not None or args.ray
                      else parallel.default_workers()),
             ray=args.ray)

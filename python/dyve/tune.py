@@ -46,7 +46,8 @@ DEFAULT_KNOBS = APPROX_KNOBS  # exact mode is opt-in: it saves MACs but costs wa
 TIE_TOLERANCE = 1e-4        # exact mode may flip a prediction only on a tie this close
 MAX_SEED = 2 ** 32 - 1      # numpy.random.RandomState's range
 
-# How the calibration images certify the greedy path's last step that they accept:
+# What of a greedy step's loss on the holdout (with --search-images: on every
+# calibration image) must be within the budget for the walk-back to stop there.
 # "bound": its one-sided UCB (loss + z * SE) within the budget, so the true loss exceeds
 # the budget with probability <= 1 - confidence, and the expected loss lands well under
 # it; "estimate": its measured loss within the budget, which spends the budget (the

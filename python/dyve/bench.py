@@ -450,8 +450,7 @@ def _accuracy_backend(args, weights_file, images):
         raise BenchError(f"--workers must be at least 1, got {workers}")
     if workers == 1 and not args.ray:
         return None
-    nets = {key: {"param": caffe_io.read_net_param(path, flag).SerializeToString(),
-                  "weights": os.path.abspath(weights_file), "name": path}
+    nets = {key: parallel.net_spec(caffe_io.read_net_param(path, flag), weights_file, path)
             for key, path, flag in (("stock", args.stock, "--stock"),
                                     ("dyve", args.dyve, "--dyve"))}
     spec = lambda: {"nets": nets, "images": images}  # noqa: E731

@@ -77,8 +77,7 @@ def measure(model, weights, images, mean, runs, batch=100, exclude=None, progres
     x, labels = caffe_io.load_images(images, shape, mean, max_images)
     caffe_io.check_labels(labels, net.blobs[caffe_io.output_blob(net)].data[0].size, images)
     batch = min(batch, len(x), caffe_io.max_batch(shape))
-    net_spec = {"param": net_param.SerializeToString(), "weights": os.path.abspath(weights),
-                "name": model}
+    net_spec = parallel.net_spec(net_param, weights, model)
     out = {}
     for name, doc in runs.items():
         keep = np.ones(len(x), bool)

@@ -55,6 +55,13 @@ def default_workers():
     return os.cpu_count() or 1
 
 
+def net_spec(net_param, weights, name):
+    """What a worker loads a net from: the NetParameter's bytes, the weights' absolute
+    path and the name its messages use."""
+    return {"param": net_param.SerializeToString(), "weights": os.path.abspath(weights),
+            "name": name}
+
+
 # ============================================================================ sharding
 
 def batch_table(idx, batch):

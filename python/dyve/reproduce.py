@@ -119,8 +119,9 @@ def imagenet(net, options):
                    "--images", images, "--mean", mean, "--threads", options.threads,
                    "--onnx", "--out-dir", out_dir])
         return
-    # No weights: the dense path's overhead, timed on one batch of real photos (two
-    # repeats: these rows took 8 of the 26 minutes with 8 images and three).
+    # No weights: the dense path's overhead, timed on one batch of real photos. Most of
+    # these rows' time is not in the images timed: with 8 photos and 3 repeats the four
+    # took 7.8 min, with 4 and 2 still 7.0.
     run_bench(["--net", net, "--stock", stock, "--dyve", dyve_off,
                "--images", options.imagenet_sample, "--max-images", "4", "--batch", "4",
                "--time-images", "4", "--repeats", "2", "--threads", options.threads,
@@ -164,8 +165,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="worker processes of the certified tuner's evaluation loop "
                              "and of the frontier's (default: the cores; the same answer "
-                             "for any count, "
-                             "docs/parallel.md)")
+                             "for any count, docs/parallel.md)")
     parser.add_argument("--test-images", type=int, help="at most this many test images (default all)")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="OpenBLAS thread counts timed")
     # Opt-in: its tuning alone takes about 15 min on 2 cores, which would break the

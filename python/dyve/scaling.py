@@ -124,8 +124,7 @@ def run(args):
     in_shape = tuple(net.blobs[caffe_io.input_blob(net)].data.shape[1:])
     x, _ = caffe_io.load_images(args.images, in_shape, args.mean, args.max_images)
     n = len(x)
-    spec = {"param": net_param.SerializeToString(), "weights": os.path.abspath(args.weights),
-            "name": args.model}
+    spec = parallel.net_spec(net_param, args.weights, args.model)
     rows, results = [], {}
 
     def open_config(label, backend_name, workers, ray=None):

@@ -251,8 +251,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         search_idx, hold_idx = split_indices(len(images), holdout, seed)
     if not live.dyve_layers(net):
         raise TuneError(f"--model: {model} has no DyVE layer")
-    net_spec = {"param": net_param.SerializeToString(), "weights": os.path.abspath(weights),
-                "name": model}
+    net_spec = parallel.net_spec(net_param, weights, model)
     ev = Evaluator(net, images, batch, search_idx, hold_idx, cache_mb, progress,
                    workers=workers, ray=ray, net_spec=net_spec)
     layer_params = {layer.name: layer for layer in net_param.layer}

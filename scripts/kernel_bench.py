@@ -12,7 +12,8 @@ per repeat, medians over repeats):
   run once before): stock Convolution, DyveConvolution with every knob off (the dense
   path this build picks: oneDNN), the same with DYVE_DENSE=caffe (Caffe's im2col + BLAS,
   in a second process), and DyveConvolution at the tuned settings (with its effort
-  counters, hence the op reduction);
+  counters, hence the op reduction) in both processes: SPET's prefix on oneDNN where it
+  applies, and on gathered rows under DYVE_DENSE=caffe;
 * ONNX Runtime on a Conv + Relu model of each layer with the trained weights and the
   same activations, in build/onnx-venv (`make onnx-venv`) when it exists.
 
@@ -134,6 +135,7 @@ def caffe_worker(spec_path):
                 times[kind].append(_time_layer(nets[kind], index[kind], count[kind]))
         row = {kind: statistics.median(times[kind]) * 1e3 for kind in kinds}
         row["tuned_settings"] = live.get_settings(nets["tuned"], layer)
+        row["tuned_prefix_path"] = live.kernel_paths(nets["tuned"], layer).get("prefix")
         e = effort.get(layer, {})
         overhead = sum(e.get(f"ops_{k}", 0) for k in ("spet", "exact", "sdss", "sfma"))
         ops = e.get("macs_executed", 0) + overhead
@@ -364,9 +366,10 @@ def summarize(config):
         row["ms"]["caffe_stock_layer"] = med("caffe_onednn", "stock")
         row["ms"]["dyve_knobs_off"] = med("caffe_onednn", "knobs_off")
         row["ms"]["dyve_knobs_off_caffe_path"] = med("caffe_caffe", "knobs_off")
-        row["ms"]["dyve_tuned"] = statistics.median(
-            [rep[k]["layers"][name]["tuned"] for rep in config["repeats"]
-             for k in ("caffe_onednn", "caffe_caffe")])
+        # The tuned layer in each process: SPET's prefix on oneDNN where it applies, and
+        # on gathered rows under DYVE_DENSE=caffe.
+        row["ms"]["dyve_tuned"] = med("caffe_onednn", "tuned")
+        row["ms"]["dyve_tuned_caffe_path"] = med("caffe_caffe", "tuned")
         if "ort" in config["repeats"][0]:
             row["ms"]["onnxruntime"] = statistics.median(
                 rep["ort"]["layers"][name] for rep in config["repeats"])
@@ -376,20 +379,26 @@ def summarize(config):
         ratio = lambda a, b: (ms[a] / ms[b]) if a in ms and b in ms and ms[b] else None
         row["kernel_gain"] = ratio("caffe_stock_layer", "dyve_knobs_off")
         row["knobs_off_vs_ort"] = ratio("dyve_knobs_off", "onnxruntime")
-        speed_same = ratio("dyve_knobs_off_caffe_path", "dyve_tuned")
+        speed_caffe = ratio("dyve_knobs_off_caffe_path", "dyve_tuned_caffe_path")
         speed_new = ratio("dyve_knobs_off", "dyve_tuned")
         red = row["op_reduction"]
         first = config["repeats"][0]["caffe_onednn"]["layers"][name]
         row["tuned_settings"] = first["tuned_settings"]
+        row["tuned_prefix_path"] = first.get("tuned_prefix_path")
         knobs = row["tuned_settings"] or {}
         tuned_on = bool(knobs.get("spet", {}).get("enabled") or
                         knobs.get("spet", {}).get("exact") or
                         knobs.get("sdss", {}).get("enabled") or
                         knobs.get("sfma", {}).get("enabled"))
-        row["tuned_speedup_vs_caffe_dense"] = speed_same if tuned_on else None
+        # Skipping efficiency = layer speedup / op reduction, each against the dense path
+        # of the same kernel base: oneDNN's, and Caffe's (DYVE_DENSE=caffe).
         row["tuned_speedup_vs_onednn_dense"] = speed_new if tuned_on else None
-        row["skipping_efficiency"] = (speed_same / red) if tuned_on and red and \
-            speed_same else None
+        row["tuned_speedup_vs_caffe_dense"] = speed_caffe if tuned_on else None
+        row["skipping_efficiency"] = (speed_new / red) if tuned_on and red and \
+            speed_new else None
+        row["skipping_efficiency_caffe_path"] = (speed_caffe / red) if tuned_on and red \
+            and speed_caffe else None
+        row["tuned_vs_ort"] = ratio("dyve_tuned", "onnxruntime")
         row["gflops"] = {k: row["gflop"] / (v / 1e3) for k, v in ms.items() if v}
         rows.append(row)
     config["rows"] = rows
@@ -404,6 +413,7 @@ LABELS = (("caffe_stock_layer", "stock Caffe layer"),
           ("dyve_knobs_off", "DyVE knobs off (oneDNN)"),
           ("dyve_knobs_off_caffe_path", "DyVE knobs off, DYVE_DENSE=caffe"),
           ("dyve_tuned", "DyVE tuned"),
+          ("dyve_tuned_caffe_path", "DyVE tuned, DYVE_DENSE=caffe"),
           ("onnxruntime", "ONNX Runtime"))
 
 
@@ -435,15 +445,20 @@ def markdown(report):
             out.append(f"| {r['layer']} | {r['gflop']:.4f} | " + " | ".join(cells) + " |")
         out += ["", "ms (GFLOP/s). Ratios:", "",
                 "| layer | kernel gain (stock ÷ DyVE knobs off) | DyVE knobs off ÷ ORT | "
-                "op reduction (tuned) | tuned speedup vs Caffe-path dense | "
-                "skipping efficiency | tuned speedup vs oneDNN dense |",
-                "|---|---|---|---|---|---|---|"]
+                "op reduction (tuned) | SPET prefix path (tuned) | "
+                "tuned speedup vs oneDNN dense | skipping efficiency (oneDNN) | "
+                "tuned speedup vs Caffe-path dense | skipping efficiency (Caffe path) | "
+                "DyVE tuned ÷ ORT |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in config["rows"]:
             out.append(f"| {r['layer']} | {fmt(r['kernel_gain'], 2)} | "
                        f"{fmt(r['knobs_off_vs_ort'], 2)} | {fmt(r['op_reduction'], 2)} | "
-                       f"{fmt(r['tuned_speedup_vs_caffe_dense'], 2)} | "
+                       f"{r.get('tuned_prefix_path') or '–'} | "
+                       f"{fmt(r['tuned_speedup_vs_onednn_dense'], 2)} | "
                        f"{fmt(r['skipping_efficiency'], 2)} | "
-                       f"{fmt(r['tuned_speedup_vs_onednn_dense'], 2)} |")
+                       f"{fmt(r['tuned_speedup_vs_caffe_dense'], 2)} | "
+                       f"{fmt(r['skipping_efficiency_caffe_path'], 2)} | "
+                       f"{fmt(r.get('tuned_vs_ort'), 2)} |")
         out.append("")
     notes = report["configs"][0]["rows"][0]["notes"]
     out += ["Candidate notes (first layer): " + "; ".join(

@@ -5,8 +5,10 @@ for integer, on random nets and settings and on real CIFAR-10 images. Also cover
 live settings and counters from Python, weights assigned after set-up, and the caffe
 CLI on DyVE prototxts.
 """
+import json
 import os
 import subprocess
+import sys
 import tarfile
 
 import cv2
@@ -118,10 +120,23 @@ def expect_same(cpp_out, cpp_effort, oracle_out, oracle_effort):
     assert cpp_effort == oracle_effort
 
 
-@pytest.mark.parametrize("seed", range(60))
-def test_conv_matches_oracle_on_random_cases(tmp_path, seed):
+RANDOM_CASES = 60
+# Further cases drawn the same way, then with approximate SPET in a per-layer or
+# interleaved order on one group: the ones whose prefix oneDNN computes.
+SPLIT_SEEDS = range(1000, 1030)
+
+
+def check_random_case(tmp_path, seed):
+    """Random case `seed` against the oracle; returns (the prefix path it ran, whether
+    SPET splits its rows into one prefix and rest on one group, so that oneDNN can take
+    the prefix: docs/kernels.md)."""
     rng = np.random.RandomState(seed)
     shape, geo, x, settings = random_case(rng)
+    if seed in SPLIT_SEEDS:
+        geo["group"] = 1
+        settings["spet"].update(enabled=True, exact=False)
+        if settings["spet"]["ordering"] == "PER_OUTPUT":
+            settings["spet"]["ordering"] = "PER_LAYER"
     out_h, out_w = pylayers.conv_output_shape(shape[2], shape[3], pylayers.conv_geometry(geo))
     if out_h * out_w == 1:
         settings["sdss"]["enabled"] = False
@@ -131,6 +146,35 @@ def test_conv_matches_oracle_on_random_cases(tmp_path, seed):
     cpp_out, cpp_effort = run_conv(net, x, weights, bias)
     oracle_out, oracle_effort = pylayers.conv_forward(x, weights, bias, geo, settings)
     expect_same(cpp_out, cpp_effort, oracle_out, oracle_effort)
+    spet = settings["spet"]
+    splits = (spet["enabled"] and not spet["exact"] and spet["ordering"] != "PER_OUTPUT"
+              and geo["group"] == 1)
+    return live.kernel_paths(net, "conv")["prefix"], splits
+
+
+@pytest.mark.parametrize("seed", [*range(RANDOM_CASES), *SPLIT_SEEDS])
+def test_conv_matches_oracle_on_random_cases(tmp_path, seed):
+    prefix_path, splits = check_random_case(tmp_path, seed)
+    # make deps installs oneDNN (libdnnl-dev), so the build has it.
+    assert prefix_path.startswith("oneDNN") == splits, prefix_path
+
+
+def test_conv_matches_oracle_on_the_rows_path(tmp_path):
+    """The random cases again where oneDNN is refused (DYVE_DENSE=caffe): SPET's prefix
+    then comes from gathered rows, as for double blobs and builds without oneDNN."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys, json, pathlib; sys.path.insert(0, {here!r}); "
+            f"import test_dyve_layers as t; "
+            f"print(json.dumps([t.check_random_case(pathlib.Path({str(tmp_path)!r}), seed) "
+            f"for seed in [*range(t.RANDOM_CASES), *t.SPLIT_SEEDS]]))")
+    env = dict(os.environ, DYVE_DENSE="caffe", GLOG_minloglevel="2")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(paths) == RANDOM_CASES + len(SPLIT_SEEDS)
+    assert {path for path, _ in paths} == {"rows"}
+    assert sum(splits for _, splits in paths) >= 40  # cases the kernel would take
 
 
 @pytest.mark.parametrize("seed", range(16))

@@ -82,6 +82,14 @@ def effort(net, name=None):
             for layer_name, layer in dyve_layers(net).items()}
 
 
+def kernel_paths(net, name):
+    """{"dense": ..., "prefix": ...}: the kernels DyveConvolution `name` ran on its last
+    forward pass (docs/kernels.md): the knobs-off path ("oneDNN jit:avx2", or "caffe" for
+    im2col + BLAS) and where SPET's prefix sums came from ("oneDNN ..." or "rows").
+    {} for a DyveInnerProduct."""
+    return dict(caffe._caffe._dyve_kernel_paths(_layer(net, name)))
+
+
 def reset_effort(net):
     for layer in dyve_layers(net).values():
         caffe._caffe._dyve_reset_effort(layer)

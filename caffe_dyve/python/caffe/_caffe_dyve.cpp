@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "caffe/layer.hpp"
+#include "caffe/layers/dyve_conv_layer.hpp"
 #include "caffe/layers/dyve_layer.hpp"
 
 namespace bp = boost::python;
@@ -69,6 +70,20 @@ void DyveSetParam(Layer<float>* layer, bp::object serialized) {
   }
 }
 
+// Which kernels a DyveConvolution ran last: {"dense": knobs-off path,
+// "prefix": SPET's prefix path}; {} for other DyVE layers.
+bp::dict DyveKernelPaths(Layer<float>* layer) {
+  AsDyve(layer);
+  bp::dict result;
+  const DyveConvolutionLayer<float>* conv =
+      dynamic_cast<const DyveConvolutionLayer<float>*>(layer);
+  if (conv != NULL) {
+    result["dense"] = conv->dense_path();
+    result["prefix"] = conv->prefix_path();
+  }
+  return result;
+}
+
 }  // namespace
 
 void ExportDyve() {
@@ -76,6 +91,7 @@ void ExportDyve() {
   bp::def("_dyve_reset_effort", &DyveResetEffort);
   bp::def("_dyve_get_param", &DyveGetParam);
   bp::def("_dyve_set_param", &DyveSetParam);
+  bp::def("_dyve_kernel_paths", &DyveKernelPaths);
 }
 
 }  // namespace caffe

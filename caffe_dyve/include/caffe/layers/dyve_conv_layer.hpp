@@ -25,7 +25,10 @@ namespace caffe {
  * oneDNN for float blobs where the build has it (bias and ReLU fused; see
  * DyveDnnlConvolution), else by Caffe's im2col + BLAS. With a knob on, each
  * image is evaluated on rows of gathered inputs (im2col transposed), and work
- * a knob skips is never executed.
+ * a knob skips is never executed. Where SPET splits every row into the same
+ * prefix and rest (float blobs, one group), oneDNN computes the prefix sums
+ * as a convolution over the prefix channels, at SDSS's grid stride with SDSS
+ * on, and the rows hold the rest only (prefix_path()).
  *
  * Weight-derived state (channel orders, sign splits, kernel sums) is rebuilt
  * on the first forward after the weights change, as seen through the weight
@@ -40,7 +43,7 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
  public:
   explicit DyveConvolutionLayer(const LayerParameter& param)
       : ConvolutionLayer<Dtype>(param), dense_ready_(false),
-        dense_threads_(0) {}
+        dense_threads_(0), prefix_ready_(false), prefix_generation_(0) {}
   virtual void LayerSetUp(const vector<Blob<Dtype>*>& bottom,
       const vector<Blob<Dtype>*>& top);
   virtual void Reshape(const vector<Blob<Dtype>*>& bottom,
@@ -51,6 +54,10 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   /// The knobs-off kernel prepared for the current shapes: "oneDNN " and
   /// its implementation (e.g. "oneDNN jit:avx2"), or "caffe" (im2col + BLAS).
   std::string dense_path() const;
+  /// Where the knob path takes SPET's prefix sums from, as prepared by the
+  /// last forward: "oneDNN " and its implementation (a convolution over the
+  /// prefix channels, docs/kernels.md), or "rows" (gathered rows and BLAS).
+  std::string prefix_path() const;
 
  protected:
   virtual void Forward_cpu(const vector<Blob<Dtype>*>& bottom,
@@ -68,7 +75,8 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   /// What evaluating one image needs for itself; one per thread.
   struct ImageWork {
     ImageWork()
-        : bias(NULL), constant_count(0), sfma_skipped(0), table_size(0) {}
+        : bias(NULL), constant_count(0), sfma_skipped(0), table_size(0),
+          prefix_dense(false), prefix_generation(0), prefix_bias_version(0) {}
     std::vector<Dtype> rows, z, sfma_table, padded;
     std::vector<int> channel_offset;  // of the row's channels in padded
     // SFMA: the image's constant maps and every map's mean.
@@ -85,6 +93,16 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
     // Grid positions; SDSS's row and its computed outputs.
     std::vector<int> grid, computed;
     std::vector<Dtype> row, maxima, values;
+    // SPET's prefix on oneDNN: whether the group being evaluated takes it,
+    // this thread's kernel (with the plan generation and bias version its
+    // weights came from), its input (the prefix channels) and output (the
+    // prefix sums of the grid positions, output-major), and the rest's
+    // channels.
+    bool prefix_dense;
+    shared_ptr<DyveDnnlConvolution> prefix_kernel;
+    uint64_t prefix_generation, prefix_bias_version;
+    std::vector<Dtype> prefix_input, prefix_sums;
+    std::vector<int> rest_channels;
     DyveEffort effort;
   };
   void RefreshWeightState();
@@ -98,6 +116,14 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   /// each (docs/kernels.md: OpenMP's barriers stall on a busy machine).
   bool ForwardDense(const vector<Blob<Dtype>*>& bottom,
       const vector<Blob<Dtype>*>& top);
+  /// Knob path: prepares the first `threads` works' kernels for SPET's
+  /// prefix (float blobs, one group, SPET splitting every row the same way)
+  /// for the current plan, weights and shapes; sets prefix_ready_.
+  void ConfigurePrefix(int threads);
+  /// The prefix sums of the group's grid positions (bias included) into
+  /// work->prefix_sums, by the prepared kernel.
+  void PrefixSums(const Dtype* group_input, const DyveNeuronPlan<Dtype>& plan,
+      ImageWork* work) const;
   /// Evaluates one image: its constant maps (SFMA), then per group the grid
   /// positions and the SDSS fill.
   void ForwardImage(const Dtype* input, Dtype* output, ImageWork* work) const;
@@ -115,6 +141,8 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   /// its bias plus SFMA's term, the constant maps' contribution over the taps
   /// inside the input (from the table).
   Dtype InitialValue(int o, int p, ImageWork* work) const;
+  /// SFMA's term alone (0 without constant maps), counted as InitialValue.
+  Dtype SfmaTerm(int o, int p, ImageWork* work) const;
   /// Evaluates the group's grid positions (every position without SDSS) as
   /// gathered rows, kRowsPerPass at a time; SPET and exact mode act inside
   /// the plan.
@@ -125,11 +153,14 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   /// their range is small), else computes it.
   void FillSdssPositions(const DyveNeuronPlan<Dtype>& plan,
       Dtype* group_output, ImageWork* work) const;
-  /// Copies one group's input maps into work->padded, zero padding included,
-  /// so that gathering needs no bounds checks, and sets work->channel_offset
-  /// to where each of the row's channels starts there.
+  /// Copies the listed input maps of one group into work->padded, zero
+  /// padding included, so that gathering needs no bounds checks.
   void PadInput(const Dtype* group_input, int group_channels,
-      const std::vector<int>& row_channels, ImageWork* work) const;
+      const std::vector<int>& channels, ImageWork* work) const;
+  /// Sets work->channel_offset to where each of a row's channels starts in
+  /// work->padded: GatherRow then gathers rows of these channels.
+  void SetRowChannels(const std::vector<int>& row_channels,
+      ImageWork* work) const;
   /// Gathers the row of output position p from work (after PadInput); may
   /// write kSlack values past the row.
   void GatherRow(int p, Dtype* row, const ImageWork* work) const;
@@ -151,6 +182,12 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
   bool dense_ready_;
   int dense_threads_;
   std::vector<uint64_t> dense_weights_version_, dense_bias_version_;
+  // SPET's prefix on oneDNN: ready for the current settings and shapes, the
+  // generation of the plans (counted up whenever they are rebuilt), and the
+  // prefix's weights (PrefixWeights of plans_[0]).
+  bool prefix_ready_;
+  uint64_t prefix_generation_;
+  std::vector<Dtype> prefix_weights_;
 };
 
 }  // namespace caffe

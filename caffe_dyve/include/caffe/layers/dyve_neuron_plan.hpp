@@ -36,6 +36,10 @@ class DyveNeuronPlan {
   /// natural order. Called whenever the weights or settings change.
   void ComputeOrders(const DyveParameter& param, const Dtype* weights,
       int num_output, int channels, int taps);
+  /// Takes another plan's orders (ComputeOrders' result) without its built
+  /// state: an image's plan without SFMA's maps starts from the layer's, and
+  /// copying all of it cost a quarter of the layer (docs/kernels.md).
+  void CopyOrders(const DyveNeuronPlan& other);
   /// Builds the plan for the live channels (`constant[c]` marks the channels
   /// SFMA removed; empty = none).
   void Build(const DyveParameter& param, const Dtype* weights,
@@ -48,6 +52,23 @@ class DyveNeuronPlan {
   /// z holds rows x num_output initial values (bias and SFMA term); on return
   /// it holds the outputs (after ReLU when param.relu()).
   void EvaluateRows(const Dtype* rows, int num_rows, Dtype* z,
+      Scratch* scratch, DyveEffort* effort) const;
+  /// True when approximate SPET splits every row into the same prefix and
+  /// rest (PER_LAYER or INTERLEAVED order, not exact mode): the prefix sums
+  /// can then come from elsewhere (a dense kernel) and EvaluateRest go on.
+  bool splits_prefix() const {
+    return param_.spet().enabled() && !param_.spet().exact() &&
+        param_.spet().ordering() != DyveSpetParameter_Ordering_PER_OUTPUT;
+  }
+  /// Leading taps of a row that form the prefix (0 unless splits_prefix()).
+  int prefix_length() const { return prefix_length_; }
+  /// The prefix's weights, num_output x prefix_length() in row order.
+  void PrefixWeights(std::vector<Dtype>* weights) const;
+  /// EvaluateRows after the prefix: z holds rows x num_output initial values
+  /// plus prefix sums, and rest_rows the rows' rest taps (row_length() -
+  /// prefix_length() each). Counts the prefix as EvaluateRows does; needs
+  /// splits_prefix().
+  void EvaluateRest(const Dtype* rest_rows, int num_rows, Dtype* z,
       Scratch* scratch, DyveEffort* effort) const;
   /// True when SPET's BOUND gate needs the rest channels' maxima of a row.
   bool uses_bound() const { return bound_; }
@@ -71,6 +92,15 @@ class DyveNeuronPlan {
   /// offset + n) of output outputs[i]'s weights; four outputs per pass.
   void DotOutputs(const Dtype* x, int offset, int n, const int* outputs,
       int count, Dtype* sums) const;
+  /// The BOUND gate's U of every neuron of num_rows rows whose rest taps
+  /// start `stride` values apart (NULL without the gate), in scratch->bounds.
+  const Dtype* RowBounds(const Dtype* rest, int stride, int num_rows,
+      Scratch* scratch, DyveEffort* effort) const;
+  /// Gate and survivors of num_rows rows after their prefix sums (z).
+  void FinishRows(const Dtype* rest, int stride, int num_rows, Dtype* z,
+      Scratch* scratch, DyveEffort* effort) const;
+  /// RowMaxima on a row's rest taps.
+  void RestMaxima(const Dtype* rest, Dtype* maxima, DyveEffort* effort) const;
   /// SPET's gate (the one place it is decided and counted), branch-free over
   /// n neurons of one row: neuron i is zeroed when z[i] + s * bounds[i] < T,
   /// or z[i] < T without bounds (NULL). Writes the survivors' indices to

@@ -186,6 +186,106 @@ std::string DyveConvolutionLayer<Dtype>::dense_path() const {
 }
 
 template <typename Dtype>
+std::string DyveConvolutionLayer<Dtype>::prefix_path() const {
+  return prefix_ready_ ?
+      "oneDNN " + works_[0].prefix_kernel->implementation() : "rows";
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::ConfigurePrefix(int threads) {
+  const bool was_ready = prefix_ready_;
+  prefix_ready_ = false;
+  const DyveNeuronPlan<Dtype>& plan = plans_[0];
+  const int taps = this->blobs_[0]->count(2);
+  if (this->group_ == 1 && this->num_spatial_axes_ == 2 &&
+      DyveDnnlConvolution::Available() && plan.splits_prefix() &&
+      plan.prefix_length() > 0) {
+    const int* input = this->conv_input_shape_.cpu_data();  // C, H, W
+    const int* kernel = this->kernel_shape_.cpu_data();
+    const int* stride = this->stride_.cpu_data();
+    const int* pad = this->pad_.cpu_data();
+    const int* dilation = this->dilation_.cpu_data();
+    // SDSS's grid (every sample-th row and column of the output) is the
+    // convolution at a stride of stride * sample.
+    const int sample =
+        dyve_param_.sdss().enabled() ? dyve_param_.sdss().stride() : 1;
+    DyveConvShape shape;
+    shape.num = 1;
+    shape.channels = plan.prefix_length() / taps;
+    shape.height = input[1];
+    shape.width = input[2];
+    shape.num_output = this->num_output_;
+    shape.group = 1;
+    shape.kernel_h = kernel[0];
+    shape.kernel_w = kernel[1];
+    shape.stride_h = stride[0] * sample;
+    shape.stride_w = stride[1] * sample;
+    shape.pad_h = pad[0];
+    shape.pad_w = pad[1];
+    shape.dilation_h = dilation[0];
+    shape.dilation_w = dilation[1];
+    shape.bias = this->bias_term_;
+    shape.relu = false;  // the gate reads the signed prefix sums
+    const uint64_t bias_version =
+        this->bias_term_ ? this->blobs_[1]->data()->version() : 0;
+    bool weights_taken = false;
+    prefix_ready_ = true;
+    for (int t = 0; t < threads && prefix_ready_; ++t) {
+      ImageWork& work = works_[t];
+      if (!work.prefix_kernel) {
+        work.prefix_kernel.reset(new DyveDnnlConvolution());
+      }
+      DyveDnnlConvolution* prefix_kernel = work.prefix_kernel.get();
+      prefix_ready_ = DenseConfigure(prefix_kernel, shape, Dtype(0));
+      if (prefix_ready_ && (!prefix_kernel->has_weights() ||
+          work.prefix_generation != prefix_generation_ ||
+          work.prefix_bias_version != bias_version)) {
+        if (!weights_taken) plan.PrefixWeights(&prefix_weights_);
+        weights_taken = true;
+        DenseSetWeights(prefix_kernel, prefix_weights_.data(),
+            this->bias_term_ ? this->blobs_[1]->cpu_data() : NULL);
+        work.prefix_generation = prefix_generation_;
+        work.prefix_bias_version = bias_version;
+      }
+    }
+  }
+  if (prefix_ready_ != was_ready) {
+    LOG(INFO) << type() << " layer '" << this->layer_param_.name()
+              << "': SPET prefix path " << prefix_path();
+  }
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::PrefixSums(const Dtype* group_input,
+    const DyveNeuronPlan<Dtype>& plan, ImageWork* work) const {
+  const int map_size =
+      this->conv_input_shape_.cpu_data()[1] *
+      this->conv_input_shape_.cpu_data()[2];
+  const int prefix_channels = plan.prefix_length() / this->blobs_[0]->count(2);
+  const std::vector<int>& row_channels = plan.row_channels();
+  // The prefix channels in row order, as the kernel's weights are; in
+  // natural order they are the input itself.
+  bool natural = true;
+  for (int k = 0; k < prefix_channels; ++k) natural &= row_channels[k] == k;
+  const Dtype* prefix_input = group_input;
+  if (!natural) {
+    work->prefix_input.resize(prefix_channels * map_size);
+    for (int k = 0; k < prefix_channels; ++k) {
+      const Dtype* map = group_input + row_channels[k] * map_size;
+      std::copy(map, map + map_size, &work->prefix_input[k * map_size]);
+    }
+    prefix_input = work->prefix_input.data();
+  }
+  const int sample =
+      dyve_param_.sdss().enabled() ? dyve_param_.sdss().stride() : 1;
+  const int grid_h = (this->output_shape_[0] + sample - 1) / sample;
+  const int grid_w = (this->output_shape_[1] + sample - 1) / sample;
+  work->prefix_sums.resize(this->num_output_ * grid_h * grid_w);
+  DenseForward(work->prefix_kernel.get(), prefix_input,
+      work->prefix_sums.data(), 1);
+}
+
+template <typename Dtype>
 bool DyveConvolutionLayer<Dtype>::ForwardDense(
     const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
   if (!dense_ready_) return false;
@@ -271,12 +371,13 @@ void DyveConvolutionLayer<Dtype>::RefreshWeightState() {
       }
     }
   }
+  ++prefix_generation_;  // the prefix kernels' weights are stale
   WeightStateRebuilt(this->blobs_[0]->data()->version());
 }
 
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::PadInput(const Dtype* group_input,
-    int group_channels, const std::vector<int>& row_channels,
+    int group_channels, const std::vector<int>& channels,
     ImageWork* work) const {
   const int height = this->conv_input_shape_.cpu_data()[1];
   const int width = this->conv_input_shape_.cpu_data()[2];
@@ -285,13 +386,24 @@ void DyveConvolutionLayer<Dtype>::PadInput(const Dtype* group_input,
   const int padded_width = width + 2 * pad[1];
   work->padded.assign(group_channels * padded_height * padded_width + kSlack,
       Dtype(0));
-  for (int c = 0; c < group_channels; ++c) {
+  for (int k = 0; k < channels.size(); ++k) {
+    const int c = channels[k];
     for (int h = 0; h < height; ++h) {
       const Dtype* src = group_input + (c * height + h) * width;
       std::copy(src, src + width, &work->padded[(c * padded_height + h +
           pad[0]) * padded_width + pad[1]]);
     }
   }
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::SetRowChannels(
+    const std::vector<int>& row_channels, ImageWork* work) const {
+  const int* pad = this->pad_.cpu_data();
+  const int padded_height = this->conv_input_shape_.cpu_data()[1] +
+      2 * pad[0];
+  const int padded_width = this->conv_input_shape_.cpu_data()[2] +
+      2 * pad[1];
   // Where each channel of a row starts, once per image and group.
   work->channel_offset.resize(row_channels.size());
   for (int k = 0; k < row_channels.size(); ++k) {
@@ -337,6 +449,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
   const int group_outputs = this->num_output_ / this->group_;
   const int group_channels = this->channels_ / this->group_;
   const uint64_t fan_in = this->blobs_[0]->count(1);
+  const int taps = this->blobs_[0]->count(2);
   const Dtype* bias = this->bias_term_ ? this->blobs_[1]->cpu_data() : NULL;
   DyveEffort& effort = work->effort;  // this thread's counters
   effort.images += 1;
@@ -348,11 +461,35 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
   for (int g = 0; g < this->group_; ++g) {
     const DyveNeuronPlan<Dtype>& plan = BuildSfmaTable(g, work);
     work->bias = bias ? bias + g * group_outputs : NULL;
-    PadInput(input + g * group_channels * map_size, group_channels,
-        plan.row_channels(), work);
+    const Dtype* group_input = input + g * group_channels * map_size;
+    const std::vector<int>& row_channels = plan.row_channels();
+    // The prepared prefix kernel holds the prefix of plans_[0]; the plan of an
+    // image with constant maps (SFMA) has the same prefix as long as they
+    // all lie in the rest. Else this image takes the rows.
+    work->prefix_dense = prefix_ready_;
+    if (prefix_ready_ && work->constant_count > 0) {
+      const std::vector<int>& full_row = plans_[g].row_channels();
+      for (int k = 0; k < plans_[g].prefix_length() / taps; ++k) {
+        work->prefix_dense &= !work->group_constant[full_row[k]];
+      }
+    }
+    if (work->prefix_dense) {
+      PrefixSums(group_input, plan, work);
+      // Rows hold the rest only; SDSS's fill needs whole rows later.
+      work->rest_channels.assign(
+          row_channels.begin() + plan.prefix_length() / taps,
+          row_channels.end());
+      PadInput(group_input, group_channels, dyve_param_.sdss().enabled() ?
+          row_channels : work->rest_channels, work);
+      SetRowChannels(work->rest_channels, work);
+    } else {
+      PadInput(group_input, group_channels, row_channels, work);
+      SetRowChannels(row_channels, work);
+    }
     Dtype* group_output = output + g * group_outputs * positions;
     EvaluateGridPositions(plan, group_output, work);
     if (dyve_param_.sdss().enabled()) {
+      if (work->prefix_dense) SetRowChannels(row_channels, work);
       FillSdssPositions(plan, group_output, work);
     }
   }
@@ -417,9 +554,9 @@ const DyveNeuronPlan<Dtype>& DyveConvolutionLayer<Dtype>::BuildSfmaTable(
   work->sfma_skipped = constant_count * taps;
   work->table_size = (kernel[0] + 1) * (kernel[1] + 1);
   if (constant_count == 0) return plans_[g];
-  // This image's live channels differ: a plan without the constant maps
-  // (assigned into a kept object, so its buffers are reused).
-  work->reduced_plan = plans_[g];
+  // This image's live channels differ: a plan without the constant maps,
+  // built in a kept object from the layer's orders (its buffers are reused).
+  work->reduced_plan.CopyOrders(plans_[g]);
   work->reduced_plan.Build(dyve_param_, group_weights, group_constant);
   std::vector<int>& constant_channels = work->constant_channels;
   constant_channels.clear();
@@ -455,19 +592,23 @@ const DyveNeuronPlan<Dtype>& DyveConvolutionLayer<Dtype>::BuildSfmaTable(
 template <typename Dtype>
 inline Dtype DyveConvolutionLayer<Dtype>::InitialValue(int o, int p,
     ImageWork* work) const {
-  const Dtype z = work->bias ? work->bias[o] : Dtype(0);
-  if (work->constant_count == 0) return z;
+  return (work->bias ? work->bias[o] : Dtype(0)) + SfmaTerm(o, p, work);
+}
+
+template <typename Dtype>
+inline Dtype DyveConvolutionLayer<Dtype>::SfmaTerm(int o, int p,
+    ImageWork* work) const {
+  if (work->constant_count == 0) return Dtype(0);
   work->effort.macs_skipped_sfma += work->sfma_skipped;
   const Dtype* table = &work->sfma_table[o * work->table_size];
   const int* rect = &sfma_rect_[p * 5];
   if (rect[0] == kInterior) {
     work->effort.ops_sfma += 1;
-    return z + table[rect[1]];
+    return table[rect[1]];
   }
   work->effort.ops_sfma += 4;
-  if (rect[0] == kOutside) return z;
-  return z + table[rect[1]] - table[rect[2]] - table[rect[3]] +
-      table[rect[4]];
+  if (rect[0] == kOutside) return Dtype(0);
+  return table[rect[1]] - table[rect[2]] - table[rect[3]] + table[rect[4]];
 }
 
 template <typename Dtype>
@@ -487,7 +628,10 @@ void DyveConvolutionLayer<Dtype>::EvaluateGridPositions(
   }
   // In passes of a few rows, so that gathered rows are still in cache when
   // the GEMM and the survivors read them.
-  const int row_length = plan.row_length();
+  // With the prefix from oneDNN, rows hold the rest taps only.
+  const bool prefix_dense = work->prefix_dense;
+  const int row_length = prefix_dense ?
+      plan.row_length() - plan.prefix_length() : plan.row_length();
   const int pass_rows = std::min<int>(grid.size(), kRowsPerPass);
   std::vector<Dtype>& rows = work->rows;
   std::vector<Dtype>& z = work->z;
@@ -497,12 +641,34 @@ void DyveConvolutionLayer<Dtype>::EvaluateGridPositions(
     const int count = std::min<int>(pass_rows, grid.size() - start);
     for (int r = 0; r < count; ++r) {
       GatherRow(grid[start + r], &rows[r * row_length], work);
-      for (int o = 0; o < group_outputs; ++o) {
-        z[r * group_outputs + o] = InitialValue(o, grid[start + r], work);
-      }
     }
-    plan.EvaluateRows(rows.data(), count, z.data(), &work->scratch,
-        &work->effort);
+    if (prefix_dense) {
+      // Bias and prefix sums, transposed to one row of outputs per position,
+      // plus SFMA's term of the constant maps (all in the rest).
+      const Dtype* sums = work->prefix_sums.data() + start;
+      for (int r = 0; r < count; ++r) {
+        for (int o = 0; o < group_outputs; ++o) {
+          z[r * group_outputs + o] = sums[o * grid.size() + r];
+        }
+      }
+      if (work->constant_count > 0) {
+        for (int r = 0; r < count; ++r) {
+          for (int o = 0; o < group_outputs; ++o) {
+            z[r * group_outputs + o] += SfmaTerm(o, grid[start + r], work);
+          }
+        }
+      }
+      plan.EvaluateRest(rows.data(), count, z.data(), &work->scratch,
+          &work->effort);
+    } else {
+      for (int r = 0; r < count; ++r) {
+        for (int o = 0; o < group_outputs; ++o) {
+          z[r * group_outputs + o] = InitialValue(o, grid[start + r], work);
+        }
+      }
+      plan.EvaluateRows(rows.data(), count, z.data(), &work->scratch,
+          &work->effort);
+    }
     for (int r = 0; r < count; ++r) {
       for (int o = 0; o < group_outputs; ++o) {
         group_output[o * positions + grid[start + r]] =
@@ -665,6 +831,7 @@ void DyveConvolutionLayer<Dtype>::Forward_cpu(
     const int blas_threads = BlasThreads();
     const int threads = std::max(1, std::min(this->num_, blas_threads));
     works_.resize(std::max<size_t>(works_.size(), threads));
+    ConfigurePrefix(threads);
     if (threads == 1) {
       ForwardImages(bottom_data, top_data, 0, this->num_, &works_[0]);
     } else {

@@ -74,6 +74,16 @@ void DyveNeuronPlan<Dtype>::ComputeOrders(const DyveParameter& param,
 }
 
 template <typename Dtype>
+void DyveNeuronPlan<Dtype>::CopyOrders(const DyveNeuronPlan& other) {
+  param_ = other.param_;
+  num_output_ = other.num_output_;
+  channels_ = other.channels_;
+  taps_ = other.taps_;
+  layer_order_ = other.layer_order_;
+  output_order_ = other.output_order_;
+}
+
+template <typename Dtype>
 void DyveNeuronPlan<Dtype>::Build(const DyveParameter& param,
     const Dtype* weights, const std::vector<bool>& constant) {
   param_ = param;
@@ -193,50 +203,20 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
     }
     effort->macs_executed +=
         static_cast<uint64_t>(num_rows) * num_output_ * prefix_length_;
-    // BOUND gate: the rows' rest maxima, then every neuron's bound as one
-    // small GEMM (rest channels instead of rest taps per neuron).
-    std::vector<Dtype>& bounds = scratch->bounds;
-    bounds.assign(bound_ ? num_rows * num_output_ : 0, Dtype(0));
-    if (bound_ && rest_channels_ > 0) {
-      std::vector<Dtype>& maxima = scratch->maxima;
-      maxima.resize(num_rows * rest_channels_);
-      for (int r = 0; r < num_rows; ++r) {
-        RowMaxima(rows + r * row_length_, &maxima[r * rest_channels_],
-            effort);
-      }
-      GemmRowsByWeights(num_rows, num_output_, rest_channels_, maxima.data(),
-          rest_channels_, rest_positive_.data(), rest_channels_,
-          bounds.data());
-      effort->ops_spet +=
-          static_cast<uint64_t>(num_rows) * num_output_ * rest_channels_;
-    }
     if (exact) {
+      const Dtype* bounds = RowBounds(rows + prefix_length_, row_length_,
+          num_rows, scratch, effort);
       for (int r = 0; r < num_rows; ++r) {
         for (int o = 0; o < num_output_; ++o) {
           Dtype* value = z + r * num_output_ + o;
           *value = Finish(rows + r * row_length_, o, *value,
-              bound_ ? bounds[r * num_output_ + o] : Dtype(0), effort);
+              bounds ? bounds[r * num_output_ + o] : Dtype(0), effort);
         }
       }
       return;
     }
-    // Gate every neuron of a row, then finish its survivors four at a time.
-    const int rest_length = row_length_ - prefix_length_;
-    std::vector<int>& survivors = scratch->survivors;
-    std::vector<Dtype>& sums = scratch->sums;
-    survivors.resize(num_output_);
-    sums.resize(num_output_);
-    for (int r = 0; r < num_rows; ++r) {
-      Dtype* zr = z + r * num_output_;
-      const int count = Gate(num_output_,
-          bound_ ? &bounds[r * num_output_] : NULL, rest_length, zr,
-          survivors.data(), effort);
-      effort->macs_executed += static_cast<uint64_t>(count) * rest_length;
-      DotOutputs(rows + r * row_length_ + prefix_length_, prefix_length_,
-          rest_length, survivors.data(), count, sums.data());
-      for (int j = 0; j < count; ++j) zr[survivors[j]] += sums[j];
-      Rectify(num_output_, zr);
-    }
+    FinishRows(rows + prefix_length_, row_length_, num_rows, z, scratch,
+        effort);
     return;
   }
   for (int r = 0; r < num_rows; ++r) {
@@ -244,6 +224,71 @@ void DyveNeuronPlan<Dtype>::EvaluateRows(const Dtype* rows, int num_rows,
       Dtype* value = z + r * num_output_ + o;
       *value = EvaluateNeuron(rows + r * row_length_, NULL, o, *value, effort);
     }
+  }
+}
+
+template <typename Dtype>
+void DyveNeuronPlan<Dtype>::EvaluateRest(const Dtype* rest_rows,
+    int num_rows, Dtype* z, Scratch* scratch, DyveEffort* effort) const {
+  CHECK(splits_prefix()) << "EvaluateRest needs SPET's prefix split";
+  effort->macs_executed +=
+      static_cast<uint64_t>(num_rows) * num_output_ * prefix_length_;
+  FinishRows(rest_rows, row_length_ - prefix_length_, num_rows, z, scratch,
+      effort);
+}
+
+template <typename Dtype>
+const Dtype* DyveNeuronPlan<Dtype>::RowBounds(const Dtype* rest, int stride,
+    int num_rows, Scratch* scratch, DyveEffort* effort) const {
+  if (!bound_) return NULL;
+  // The rows' rest maxima, then every neuron's bound as one small GEMM (rest
+  // channels instead of rest taps per neuron).
+  std::vector<Dtype>& bounds = scratch->bounds;
+  bounds.assign(num_rows * num_output_, Dtype(0));
+  if (rest_channels_ > 0) {
+    std::vector<Dtype>& maxima = scratch->maxima;
+    maxima.resize(num_rows * rest_channels_);
+    for (int r = 0; r < num_rows; ++r) {
+      RestMaxima(rest + r * stride, &maxima[r * rest_channels_], effort);
+    }
+    GemmRowsByWeights(num_rows, num_output_, rest_channels_, maxima.data(),
+        rest_channels_, rest_positive_.data(), rest_channels_,
+        bounds.data());
+    effort->ops_spet +=
+        static_cast<uint64_t>(num_rows) * num_output_ * rest_channels_;
+  }
+  return bounds.data();
+}
+
+template <typename Dtype>
+void DyveNeuronPlan<Dtype>::FinishRows(const Dtype* rest, int stride,
+    int num_rows, Dtype* z, Scratch* scratch, DyveEffort* effort) const {
+  const Dtype* bounds = RowBounds(rest, stride, num_rows, scratch, effort);
+  // Gate every neuron of a row, then finish its survivors four at a time.
+  const int rest_length = row_length_ - prefix_length_;
+  std::vector<int>& survivors = scratch->survivors;
+  std::vector<Dtype>& sums = scratch->sums;
+  survivors.resize(num_output_);
+  sums.resize(num_output_);
+  for (int r = 0; r < num_rows; ++r) {
+    Dtype* zr = z + r * num_output_;
+    const int count = Gate(num_output_,
+        bounds ? bounds + r * num_output_ : NULL, rest_length, zr,
+        survivors.data(), effort);
+    effort->macs_executed += static_cast<uint64_t>(count) * rest_length;
+    DotOutputs(rest + r * stride, prefix_length_, rest_length,
+        survivors.data(), count, sums.data());
+    for (int j = 0; j < count; ++j) zr[survivors[j]] += sums[j];
+    Rectify(num_output_, zr);
+  }
+}
+
+template <typename Dtype>
+void DyveNeuronPlan<Dtype>::PrefixWeights(std::vector<Dtype>* weights) const {
+  weights->resize(num_output_ * prefix_length_);
+  for (int o = 0; o < num_output_; ++o) {
+    const Dtype* w = &row_weights_[o * row_length_];
+    std::copy(w, w + prefix_length_, &(*weights)[o * prefix_length_]);
   }
 }
 
@@ -352,7 +397,12 @@ void DyveNeuronPlan<Dtype>::EvaluateSelected(const Dtype* row,
 template <typename Dtype>
 void DyveNeuronPlan<Dtype>::RowMaxima(const Dtype* row, Dtype* maxima,
     DyveEffort* effort) const {
-  const Dtype* rest = row + prefix_length_;
+  RestMaxima(row + prefix_length_, maxima, effort);
+}
+
+template <typename Dtype>
+void DyveNeuronPlan<Dtype>::RestMaxima(const Dtype* rest, Dtype* maxima,
+    DyveEffort* effort) const {
   for (int j = 0; j < rest_channels_; ++j) {
     maxima[j] = MaxOf(taps_, rest + j * taps_);
   }

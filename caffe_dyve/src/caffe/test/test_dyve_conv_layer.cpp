@@ -1274,4 +1274,105 @@ TYPED_TEST(DyveConvolutionLayerTest, TestDenseKernelFollowsChanges) {
       sizeof(Dtype) == sizeof(float) && DyveDnnlConvolution::Available());
 }
 
+// SPET's prefix on oneDNN (docs/kernels.md): for float blobs with one group
+// and SPET's per-layer or interleaved order, the prefix sums come from a
+// convolution over the prefix channels (at SDSS's grid stride with SDSS on),
+// and only the rest is gathered into rows. Outputs and counters must be those
+// of the rows path, which double blobs take: the same layer in double on the
+// same data is the reference. SFMA's constant maps in the rest keep the
+// kernel; one in the prefix sends its image to the rows.
+TYPED_TEST(DyveConvolutionLayerTest, TestSpetPrefixKernelEqualsRows) {
+  typedef typename TypeParam::Dtype Dtype;
+  const ConvShape list[] = {
+    // num, C, H, W, O, kh, kw, stride, pad, dilation, group, bias
+    {2, 32, 16, 16, 32, 5, 5, 1, 2, 1, 1, true},   // cifar10 conv2
+    {2, 7, 9, 11, 5, 3, 2, 2, 1, 2, 1, false},     // stride, dilation
+    {1, 6, 10, 10, 4, 3, 3, 1, 1, 1, 2, true},     // group 2: rows
+  };
+  for (int i = 0; i < sizeof(list) / sizeof(list[0]); ++i) {
+    const ConvShape& s = list[i];
+    for (int variant = 0; variant < 5; ++variant) {
+      this->FillBottom(s, 0, 1);
+      LayerParameter param = this->ConvParam(s);
+      DyveParameter* dyve = param.mutable_dyve_param();
+      dyve->set_relu(true);
+      DyveSpetParameter* spet = dyve->mutable_spet();
+      spet->set_enabled(true);
+      spet->set_fraction(0.5);
+      spet->set_threshold(0.1);
+      if (variant >= 1) {
+        spet->set_gate(DyveSpetParameter_Gate_BOUND);
+        // Loose enough to zero neurons of 16 rest channels of 5x5 taps.
+        spet->set_bound_scale(0.02);
+        spet->set_threshold(0);
+      }
+      if (variant == 2) {
+        dyve->mutable_sdss()->set_enabled(true);
+        dyve->mutable_sdss()->set_stride(2);
+        dyve->mutable_sdss()->set_threshold(0.2);
+      }
+      if (variant == 3) spet->set_ordering(DyveSpetParameter_Ordering_INTERLEAVED);
+      if (variant == 4) {
+        dyve->mutable_sfma()->set_enabled(true);
+        dyve->mutable_sfma()->set_threshold(1e-6);
+      }
+      DyveConvolutionLayer<Dtype> layer(param);
+      layer.SetUp(this->bottom_vec_, this->top_vec_);
+      const int group_channels = s.channels / s.group;
+      const int taps = s.kernel_h * s.kernel_w;
+      if (variant == 4) {
+        // Channel 0 (every image) least significant, so in the rest, and
+        // channel 1 of image 0 most significant: constant maps both.
+        Dtype* w = layer.blobs()[0]->mutable_cpu_data();
+        for (int o = 0; o < s.outputs; ++o) {
+          for (int t = 0; t < taps; ++t) {
+            w[(o * group_channels + 0) * taps + t] *= Dtype(0.01);
+            w[(o * group_channels + 1) * taps + t] *= Dtype(100);
+          }
+        }
+        const int map = s.height * s.width;
+        Dtype* x = this->bottom_->mutable_cpu_data();
+        for (int n = 0; n < s.num; ++n) {
+          std::fill(x + (n * s.channels + 0) * map,
+              x + (n * s.channels + 1) * map, Dtype(0.5));
+        }
+        std::fill(x + map, x + 2 * map, Dtype(0.25));
+      }
+      layer.Forward(this->bottom_vec_, this->top_vec_);
+      const bool prefix_on_kernel = sizeof(Dtype) == sizeof(float) &&
+          DyveDnnlConvolution::Available() && s.group == 1;
+      EXPECT_EQ(layer.prefix_path().find("oneDNN") == 0, prefix_on_kernel)
+          << layer.prefix_path() << ", shape " << i << ", variant " << variant;
+      // The reference: the same layer and data in double.
+      Blob<double> bottom64, top64;
+      bottom64.Reshape(this->bottom_->shape());
+      for (int k = 0; k < bottom64.count(); ++k) {
+        bottom64.mutable_cpu_data()[k] = this->bottom_->cpu_data()[k];
+      }
+      vector<Blob<double>*> bottom64_vec(1, &bottom64), top64_vec(1, &top64);
+      DyveConvolutionLayer<double> reference(param);
+      reference.SetUp(bottom64_vec, top64_vec);
+      for (int b = 0; b < layer.blobs().size(); ++b) {
+        for (int k = 0; k < layer.blobs()[b]->count(); ++k) {
+          reference.blobs()[b]->mutable_cpu_data()[k] =
+              layer.blobs()[b]->cpu_data()[k];
+        }
+      }
+      reference.Forward(bottom64_vec, top64_vec);
+      EXPECT_EQ(reference.prefix_path(), "rows");
+      ASSERT_EQ(top64.count(), this->top_->count());
+      for (int k = 0; k < top64.count(); ++k) {
+        const double expected = top64.cpu_data()[k];
+        EXPECT_NEAR(this->top_->cpu_data()[k], expected,
+            1e-4 * std::max(1.0, std::fabs(expected)))
+            << "at " << k << ", shape " << i << ", variant " << variant;
+      }
+      EXPECT_EQ(layer.effort().Items(), reference.effort().Items())
+          << "shape " << i << ", variant " << variant;
+      EXPECT_GT(layer.effort().spet_zeroed, 0) << "shape " << i;
+      if (variant == 4) EXPECT_EQ(layer.effort().sfma_maps, s.num + 1);
+    }
+  }
+}
+
 }  // namespace caffe

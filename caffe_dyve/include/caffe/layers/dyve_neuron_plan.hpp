@@ -60,7 +60,8 @@ class DyveNeuronPlan {
     return param_.spet().enabled() && !param_.spet().exact() &&
         param_.spet().ordering() != DyveSpetParameter_Ordering_PER_OUTPUT;
   }
-  /// Leading taps of a row that form the prefix (0 unless splits_prefix()).
+  /// Leading taps of a row that form SPET's prefix in a per-layer or
+  /// interleaved order (0 without SPET or with PER_OUTPUT).
   int prefix_length() const { return prefix_length_; }
   /// The prefix's weights, num_output x prefix_length() in row order.
   void PrefixWeights(std::vector<Dtype>* weights) const;

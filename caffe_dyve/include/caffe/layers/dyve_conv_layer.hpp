@@ -106,6 +106,9 @@ class DyveConvolutionLayer : public ConvolutionLayer<Dtype>, public DyveLayer {
     DyveEffort effort;
   };
   void RefreshWeightState();
+  /// The layer's convolution for oneDNN: the current shapes, its bias and
+  /// dyve_param.relu (2 spatial axes).
+  DyveConvShape KernelShape() const;
   /// Knobs off: prepares the oneDNN kernels for the current shapes (float
   /// blobs, 2 spatial axes), one per thread's share of the batch; sets
   /// dense_ready_.

@@ -130,13 +130,7 @@ void DenseForward(DyveDnnlConvolution*, const double*, double*, int) {}
 }  // namespace
 
 template <typename Dtype>
-void DyveConvolutionLayer<Dtype>::ConfigureDense() {
-  const bool was_ready = dense_ready_;
-  dense_ready_ = false;
-  if (DyveKnobsOn(dyve_param_) || this->num_spatial_axes_ != 2 ||
-      !DyveDnnlConvolution::Available()) {
-    return;
-  }
+DyveConvShape DyveConvolutionLayer<Dtype>::KernelShape() const {
   const int* input = this->conv_input_shape_.cpu_data();  // C, H, W
   const int* kernel = this->kernel_shape_.cpu_data();
   const int* stride = this->stride_.cpu_data();
@@ -159,6 +153,18 @@ void DyveConvolutionLayer<Dtype>::ConfigureDense() {
   shape.dilation_w = dilation[1];
   shape.bias = this->bias_term_;
   shape.relu = dyve_param_.relu();
+  return shape;
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::ConfigureDense() {
+  const bool was_ready = dense_ready_;
+  dense_ready_ = false;
+  if (DyveKnobsOn(dyve_param_) || this->num_spatial_axes_ != 2 ||
+      !DyveDnnlConvolution::Available()) {
+    return;
+  }
+  DyveConvShape shape = KernelShape();
   // Images [t * num / threads, (t + 1) * num / threads) go to kernel t.
   const int threads = std::max(1, std::min(this->num_, BlasThreads()));
   while (dense_.size() < threads) {
@@ -200,31 +206,15 @@ void DyveConvolutionLayer<Dtype>::ConfigurePrefix(int threads) {
   if (this->group_ == 1 && this->num_spatial_axes_ == 2 &&
       DyveDnnlConvolution::Available() && plan.splits_prefix() &&
       plan.prefix_length() > 0) {
-    const int* input = this->conv_input_shape_.cpu_data();  // C, H, W
-    const int* kernel = this->kernel_shape_.cpu_data();
-    const int* stride = this->stride_.cpu_data();
-    const int* pad = this->pad_.cpu_data();
-    const int* dilation = this->dilation_.cpu_data();
-    // SDSS's grid (every sample-th row and column of the output) is the
-    // convolution at a stride of stride * sample.
+    // One image, the prefix channels; SDSS's grid (every sample-th row and
+    // column of the output) is the convolution at a stride of stride * sample.
     const int sample =
         dyve_param_.sdss().enabled() ? dyve_param_.sdss().stride() : 1;
-    DyveConvShape shape;
+    DyveConvShape shape = KernelShape();
     shape.num = 1;
     shape.channels = plan.prefix_length() / taps;
-    shape.height = input[1];
-    shape.width = input[2];
-    shape.num_output = this->num_output_;
-    shape.group = 1;
-    shape.kernel_h = kernel[0];
-    shape.kernel_w = kernel[1];
-    shape.stride_h = stride[0] * sample;
-    shape.stride_w = stride[1] * sample;
-    shape.pad_h = pad[0];
-    shape.pad_w = pad[1];
-    shape.dilation_h = dilation[0];
-    shape.dilation_w = dilation[1];
-    shape.bias = this->bias_term_;
+    shape.stride_h *= sample;
+    shape.stride_w *= sample;
     shape.relu = false;  // the gate reads the signed prefix sums
     const uint64_t bias_version =
         this->bias_term_ ? this->blobs_[1]->data()->version() : 0;

@@ -1,14 +1,16 @@
 """Per-layer convolution kernels side by side (docs/kernels.md).
 
-For each convolution of the given nets (shapes from prototxt/<net>_deploy.prototxt), at
-each batch size and thread count, in one run, in interleaved repeats (every column once
-per repeat, medians over repeats):
+For each DyveConvolution of the given nets' DyVE deploy prototxts (shapes from the
+stock deploy prototxt: prototxt/<net>_deploy.prototxt, or build/resnet34/ for
+resnet34, which `make resnet34` converts), at each batch size and thread count, in one
+run, in interleaved repeats (every column once per repeat, medians over repeats):
 
 * the C++ tool build/bin/kernel_bench (`make kernel-bench`, tools/kernel_bench.cpp):
   Caffe's im2col + OpenBLAS SGEMM, oneDNN (NCHW re-layouts timed, and its kernel alone
   in its blocked layout), oneDNN forced to NCHW, oneDNN Winograd, libxsmm; conv + bias +
   ReLU on rectified random data;
-* pycaffe, the real layers on real CIFAR-10 activations (one layer at a time, the net
+* pycaffe, the real layers on real activations (CIFAR-10 test images, or the report
+  half of the ImageNet photos for resnet34; one layer at a time, the net
   run once before): stock Convolution, DyveConvolution with every knob off (the dense
   path this build picks: oneDNN), the same with DYVE_DENSE=caffe (Caffe's im2col + BLAS,
   in a second process), and DyveConvolution at the tuned settings (with its effort
@@ -54,19 +56,49 @@ def cpu_name():
     return name, simd
 
 
-def conv_layers(net_name):
-    """[{name, c, h, w, k, kernel, pad, stride, index}] of the deploy net's convolutions."""
+def net_files(net_name, images=None, mean=None):
+    """The files of a benchmarked net: stock and DyVE deploy prototxts, caffemodel, the
+    images whose activations are timed and their mean (`images`/`mean` override)."""
+    if net_name == "resnet34":
+        sys.path.insert(0, os.path.join(ROOT, "python"))
+        from dyve import resnet34
+        files = dict(stock=resnet34.DEPLOY, dyve=resnet34.DYVE_DEPLOY,
+                     weights=resnet34.CAFFEMODEL,
+                     images=os.path.join(resnet34.WORK_DIR, "photos", "eval"),
+                     mean=resnet34.MEAN_ARG)
+        missing = [f for f in files.values() if "/" in f and not os.path.exists(f)]
+        if missing:
+            raise SystemExit(f"kernel_bench: {missing[0]} is missing: run make resnet34")
+    else:
+        files = dict(stock=os.path.join(ROOT, "prototxt", f"{net_name}_deploy.prototxt"),
+                     dyve=os.path.join(ROOT, "prototxt", f"{net_name}_dyve_deploy.prototxt"),
+                     weights=os.path.join(ROOT, "models", f"{net_name}.caffemodel"),
+                     images=os.path.join(ROOT, "data", "cifar10", "cifar10_test_lmdb"),
+                     mean=os.path.join(ROOT, "data", "cifar10", "mean.binaryproto"))
+    if images:
+        files["images"] = images
+    if mean:
+        files["mean"] = mean
+    return files
+
+
+def conv_layers(files):
+    """[{name, c, h, w, k, kernel, pad, stride, index}] of the net's convolutions that its
+    DyVE deploy prototxt makes DyveConvolution (ResNet-34 keeps branch2b stock)."""
     import caffe
     from google.protobuf import text_format
     from caffe.proto import caffe_pb2
-    path = os.path.join(ROOT, "prototxt", f"{net_name}_deploy.prototxt")
-    param = caffe_pb2.NetParameter()
-    with open(path) as f:
+    param, dyve_param = caffe_pb2.NetParameter(), caffe_pb2.NetParameter()
+    with open(files["stock"]) as f:
         text_format.Merge(f.read(), param)
-    net = caffe.Net(path, caffe.TEST)
+    with open(files["dyve"]) as f:
+        text_format.Merge(f.read(), dyve_param)
+    dyve_layers = {l.name for l in dyve_param.layer if l.type == "DyveConvolution"}
+    net = caffe.Net(files["stock"], caffe.TEST)
+    net_name = param.name
     layers = []
     for layer in param.layer:
-        if layer.type != "Convolution":
+        if layer.type != "Convolution" or layer.name not in dyve_layers:
             continue
         cp = layer.convolution_param
         one = lambda field, default: (list(field) or [default])[0]
@@ -104,19 +136,19 @@ def caffe_worker(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
     import caffe
-    from dyve import live
+    from dyve import caffe_io, live
     x = np.load(spec["images"])["x"][:spec["batch"]]
     nets = {}
     # The DyVE deploy prototxts have every knob off (relu: true).
     for kind, model in (("stock", spec["stock_model"]), ("knobs_off", spec["dyve_model"]),
                         ("tuned", spec["tuned_model"] or spec["dyve_model"])):
         net = caffe.Net(model, spec["weights"], caffe.TEST)
-        net.blobs["data"].reshape(*x.shape)
+        net.blobs[caffe_io.input_blob(net)].reshape(*x.shape)
         net.reshape()
         if kind == "tuned" and not spec["tuned_model"]:
             for name, settings in spec["tuned_settings"].items():
                 live.set_settings(net, name, settings)
-        net.blobs["data"].data[...] = x
+        net.blobs[caffe_io.input_blob(net)].data[...] = x
         net.forward()
         nets[kind] = net
     # The tuned net's effort over this batch, per layer.
@@ -199,17 +231,19 @@ json.dump(result, open(spec["out"], "w"))
 
 # --------------------------------------------------------------------------- driver
 
-def tuned_settings(net_name, layers):
-    """(tuned prototxt or None, {layer: settings} to apply otherwise, source): the
-    tuner's reports/<net>/tune/tuned_deploy.prototxt (`make reproduce`) if it exists,
-    else REPRESENTATIVE on conv2 and conv3."""
-    path = os.path.join(ROOT, "reports", net_name, "tune", "tuned_deploy.prototxt")
+def tuned_settings(net_name, layers, path=None):
+    """(tuned prototxt or None, {layer: settings} to apply otherwise, source): `path`,
+    else the tuner's reports/<net>/tune/tuned_deploy.prototxt (`make reproduce`, `make
+    resnet34`) if it exists, else REPRESENTATIVE on conv2 and conv3 (CIFAR-10) or on
+    every branch2a (ResNet-34)."""
+    path = path or os.path.join(ROOT, "reports", net_name, "tune", "tuned_deploy.prototxt")
     if os.path.exists(path):
         return path, {}, os.path.relpath(path, ROOT)
-    picked = {name: REPRESENTATIVE for name in ("conv2", "conv3")
-              if name in [l["name"] for l in layers]}
-    return None, picked, "representative (no tuned prototxt): conv2, conv3 SPET f=0.5 " \
-        "BOUND s=0.25 T=0"
+    names = [l["name"] for l in layers]
+    picked = {name: REPRESENTATIVE for name in names
+              if name in ("conv2", "conv3") or name.endswith("_branch2a")}
+    return None, picked, "representative (no tuned prototxt): conv2, conv3 or every " \
+        "branch2a, SPET f=0.5 BOUND s=0.25 T=0"
 
 
 def run(cmd, env=None, timeout=900):
@@ -228,10 +262,12 @@ def main():
                         help="interleaved repeats of every column (medians over them)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per repeat")
     parser.add_argument("--min-ms", type=float, default=20, help="per timed round")
-    parser.add_argument("--images", default=os.path.join(ROOT, "data", "cifar10",
-                                                         "cifar10_test_lmdb"))
-    parser.add_argument("--mean", default=os.path.join(ROOT, "data", "cifar10",
-                                                       "mean.binaryproto"))
+    parser.add_argument("--images", help="images whose activations are timed (default: "
+                        "the CIFAR-10 test LMDB; for resnet34 the report-half photos)")
+    parser.add_argument("--mean", help="their mean (default: the net's)")
+    parser.add_argument("--tuned", action="append", default=[], metavar="NET=PROTOTXT",
+                        help="the tuned DyVE prototxt of NET (default "
+                             "reports/<net>/tune/tuned_deploy.prototxt)")
     parser.add_argument("--out", default=os.path.join(ROOT, "reports", "kernels",
                                                       "kernel_bench"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -247,19 +283,30 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]
     cpu, simd = cpu_name()
-    mean = args.mean
-    if mean and not os.path.exists(mean):
-        mean = [float(v) for v in mean.split(",")] if "," in mean else None
-    x, _ = caffe_io.load_images(args.images, (3, 32, 32), mean=mean, limit=max(batches))
+    tuned_paths = {}
+    for item in args.tuned:
+        name, sep, path = item.partition("=")
+        if not sep or not os.path.isfile(path):
+            raise SystemExit(f"kernel_bench: --tuned {item}: want NET=PROTOTXT (a file)")
+        tuned_paths[name] = path
     work = tempfile.mkdtemp(prefix="kernel_bench.")
-    np.savez(os.path.join(work, "images.npz"), x=x)
-    report = {"cpu": cpu, "simd": simd, "nproc": os.cpu_count(), "images": args.images,
-              "mean": args.mean if isinstance(mean, str) else mean,
+    report = {"cpu": cpu, "simd": simd, "nproc": os.cpu_count(), "nets": {},
               "repeats": args.repeats, "rounds": args.rounds, "min_ms": args.min_ms,
               "load_average_start": os.getloadavg(), "configs": []}
+    import caffe
     for net_name in nets:
-        layers = conv_layers(net_name)
-        tuned_model, tuned, source = tuned_settings(net_name, layers)
+        files = net_files(net_name, args.images, args.mean)
+        layers = conv_layers(files)
+        tuned_model, tuned, source = tuned_settings(net_name, layers,
+                                                    tuned_paths.get(net_name))
+        stock = caffe.Net(files["stock"], caffe.TEST)
+        input_shape = stock.blobs[caffe_io.input_blob(stock)].data.shape[1:]
+        del stock
+        x, _ = caffe_io.load_images(files["images"], input_shape, mean=files["mean"],
+                                    limit=max(batches))
+        images = os.path.join(work, f"{net_name}_images.npz")
+        np.savez(images, x=x)
+        report["nets"][net_name] = {"images": files["images"], "mean": files["mean"]}
         for batch in batches:
             for threads in thread_counts:
                 env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads),
@@ -279,12 +326,8 @@ def main():
                     rep["cpp"] = json.loads(run(cmd, env))
                     for dense in ("onednn", "caffe"):
                         spec = dict(
-                            images=os.path.join(work, "images.npz"), batch=batch,
-                            stock_model=os.path.join(ROOT, "prototxt",
-                                                     f"{net_name}_deploy.prototxt"),
-                            dyve_model=os.path.join(ROOT, "prototxt",
-                                                    f"{net_name}_dyve_deploy.prototxt"),
-                            weights=os.path.join(ROOT, "models", f"{net_name}.caffemodel"),
+                            images=images, batch=batch, stock_model=files["stock"],
+                            dyve_model=files["dyve"], weights=files["weights"],
                             tuned_model=tuned_model,
                             tuned_settings=tuned, layers=[l["name"] for l in layers],
                             rounds=args.rounds, min_s=args.min_ms / 1e3,

@@ -177,6 +177,34 @@ def test_conv_matches_oracle_on_the_rows_path(tmp_path):
     assert sum(splits for _, splits in paths) >= 40  # cases the kernel would take
 
 
+@pytest.mark.parametrize("dense", ["onednn", "caffe"])
+def test_conv_matches_oracle_split_over_threads(tmp_path, dense):
+    """The random cases again at 3 BLAS threads (`make test` runs at 1) with every layer
+    split (DYVE_SPLIT_MACS=0): their batches of 1 or 2 images split each image's
+    positions over the threads instead, by rows of SDSS's grid (docs/kernels.md), on
+    oneDNN's prefix in bands and on the rows."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys, json, pathlib; sys.path.insert(0, {here!r}); "
+            f"import test_dyve_layers as t; from dyve import live; "
+            f"print(json.dumps([t.check_random_case(pathlib.Path({str(tmp_path)!r}), seed) "
+            f"for seed in [*range(t.RANDOM_CASES), *t.SPLIT_SEEDS]]))")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="3", DYVE_SPLIT_MACS="0",
+               GLOG_minloglevel="2")  # these layers are far below the default
+    if dense == "caffe":
+        env["DYVE_DENSE"] = "caffe"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(paths) == RANDOM_CASES + len(SPLIT_SEEDS)
+    banded = [path for path, _ in paths if path.endswith(" in row bands")]
+    if dense == "caffe":
+        assert {path for path, _ in paths} == {"rows"}
+    else:
+        assert len(banded) >= 15, paths  # the prefix kernel in bands of grid rows (20)
+        assert all(path.startswith("oneDNN") == splits for path, splits in paths)
+
+
 @pytest.mark.parametrize("seed", range(16))
 def test_inner_product_matches_oracle(tmp_path, seed):
     rng = np.random.RandomState(100 + seed)

@@ -231,6 +231,41 @@ def test_layer_options_match_caffe(tmp_path):
     assert (want["const"] == 8).all()  # Power with scale 0: shift ** power everywhere
 
 
+# dyve.nets.resnet34's downsampling shortcut: the pooled maps, zero channels after them
+# (Power scale 0 is ConstantOfShape(Shape(x)) in ONNX), added to the strided branch.
+SHORTCUT = """
+name: "shortcut"
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 2 dim: 3 dim: 9 dim: 9 } } }
+layer { name: "branch2a" type: "Convolution" bottom: "data" top: "branch2a"
+        convolution_param { num_output: 6 kernel_size: 3 stride: 2
+          weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
+        pooling_param { pool: AVE kernel_size: 2 stride: 2 round_mode: FLOOR } }
+layer { name: "zeros" type: "Power" bottom: "pool" top: "zeros" power_param { scale: 0 } }
+layer { name: "branch1" type: "Concat" bottom: "pool" bottom: "zeros" top: "branch1" }
+layer { name: "sum" type: "Eltwise" bottom: "branch2a" bottom: "branch1" top: "sum" }
+layer { name: "relu" type: "ReLU" bottom: "sum" top: "sum" }
+"""
+
+
+@needs_venv
+def test_zero_padded_shortcut_exports_without_extra_outputs(tmp_path):
+    """Only the net's output is declared, so every inner shape (the zeros, the Concat of
+    them) must come from ONNX's own shape inference and agree with Caffe's."""
+    path = tmp_path / "shortcut.prototxt"
+    path.write_text(SHORTCUT)
+    caffe.set_random_seed(4)
+    net = caffe.Net(str(path), caffe.TEST)
+    assert net.blobs["branch1"].data.shape == (2, 6, 4, 4)
+    x = np.random.RandomState(6).normal(0, 1, (2, 3, 9, 9)).astype(np.float32)
+    want = _caffe_blobs(net, x)
+    assert (want["zeros"] == 0).all() and (want["pool"] != 0).any()
+    out = tmp_path / "shortcut.onnx"
+    export_onnx.export_net(caffe_io.read_net_param(str(path)), net, str(out))
+    assert set(_compare(str(out), want, x)) == {"sum"}
+
+
 def test_dyve_layer_is_refused_naming_it(tmp_path, capsys):
     out = tmp_path / "x.onnx"
     code = export_onnx.main(["--model", os.path.join(PROTO, "cifar10_quick_dyve_deploy.prototxt"),

@@ -110,3 +110,30 @@ def test_agrees_with_dlib(converted):
     assert r["max_abs_logit_diff"] < LOGIT_TOLERANCE, resnet34.format_check(r)
     assert r["dlib"] == r["caffe"]
     assert r["dlib"]["top5"] > 0.5  # a real classifier on real photos
+
+
+def test_views_are_caffes_ten_crops(tmp_path):
+    """The label-free search's views (write_views): per photo the four corner crops,
+    the centre crop and their mirrors, keyed view-major; the centre one is exactly the
+    crop the tuner and the bench read from the photo itself."""
+    from dyve import caffe_io, data
+    if not os.path.isdir(resnet34.default_images()):
+        pytest.skip(f"no ImageNet sample photos at {resnet34.default_images()}")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = sorted(os.listdir(resnet34.default_images()))[:3]
+    for name in names:
+        os.symlink(os.path.join(resnet34.default_images(), name), photos / name)
+    out = tmp_path / "views_lmdb"
+    info = resnet34.write_views(str(photos), str(out))
+    assert info == {"path": str(out), "photos": 3, "views": 30}
+    x, y, keys = data.read_lmdb(str(out), with_keys=True)
+    assert keys == [f"{v:02d}_{i:05d}" for v in range(10) for i in range(3)]
+    centre, labels = caffe_io.load_images(str(photos), (3, 227, 227))
+    assert np.array_equal(x[4 * 3:5 * 3], centre) and np.array_equal(y[:3], labels)
+    assert np.array_equal(y, np.tile(labels, 10))
+    for view in range(5):  # the mirrors, and four different corners
+        assert np.array_equal(x[(view + 5) * 3:(view + 6) * 3],
+                              x[view * 3:(view + 1) * 3][..., ::-1])
+    assert len({x[v * 3].tobytes() for v in range(10)}) == 10
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

@@ -84,8 +84,10 @@ def build(graph_json, arrays_npz, out):
     # model, copy kilobytes instead of VGG-16's 550 MB (35 s -> 15 s for its export);
     # the small ones (Reshape, Slice, Pad operands, which shapes depend on) stay values.
     onnx.checker.check_model(_skeleton(model), full_check=True)
+    # data_prop: a constant-filled Power (scale 0) is ConstantOfShape(Shape(x)); only data
+    # propagation carries x's dimensions through Shape, so that a Concat of it is known.
     inferred = onnx.shape_inference.infer_shapes(_skeleton(model), check_type=True,
-                                                 strict_mode=True)
+                                                 strict_mode=True, data_prop=True)
     got = {}
     for v in list(inferred.graph.value_info) + list(inferred.graph.output):
         dims = v.type.tensor_type.shape.dim

@@ -400,18 +400,75 @@ def split_halves(images_dir=None, work_dir=WORK_DIR):
     return out
 
 
+VIEWS_LMDB = os.path.join(WORK_DIR, "photos", "tune_views_lmdb")
+VIEWS_PER_PHOTO = 10  # caffe.io.oversample: the four corner crops, the centre, their mirrors
+
+
+def write_views(photos_dir, out=VIEWS_LMDB):
+    """An LMDB of the 10 standard crops and flips of every photo in `photos_dir`, for the
+    tuner's label-free search (the dense net's predictions on them are the labels).
+
+    Each photo is read as dyve.tune reads a folder (OpenCV, bilinear resize to 256 x 256),
+    then caffe.io.oversample cuts the 227 x 227 views, so view 4 is the centre crop the
+    tuner and the bench see. Keys are "<view>_<photo>", view-major: the first N records
+    (what --search-count reads) cover every photo before any photo's next view. Written to
+    a temporary folder, then moved into place. Returns {"path", "photos", "views"}."""
+    import cv2
+    import lmdb
+    import caffe.io
+    from caffe.proto import caffe_pb2  # noqa: F401  (array_to_datum needs it loaded)
+    from dyve import data
+    items = data.imagenet_labels(photos_dir)
+    if not items:
+        raise ConversionError(f"--images: no wnid-named photos in {photos_dir}")
+    size = max(INPUT_SIZE, 256)  # caffe_io's stored size for ImageNet inputs
+    tmp = data._tmp_name(out)
+    data._remove(tmp)
+    bytes_per_view = 3 * INPUT_SIZE * INPUT_SIZE + 64
+    env = lmdb.open(tmp, map_size=2 * bytes_per_view * VIEWS_PER_PHOTO * len(items) + (1 << 24))
+    try:
+        with env.begin(write=True) as txn:
+            for index, (rel, label) in enumerate(items):
+                path = os.path.join(photos_dir, rel)
+                img = cv2.imread(path, cv2.IMREAD_COLOR)
+                if img is None:
+                    raise ConversionError(f"OpenCV cannot read the photo {path}")
+                img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+                views = caffe.io.oversample([img], (INPUT_SIZE, INPUT_SIZE))
+                for view, crop in enumerate(views):
+                    datum = caffe.io.array_to_datum(
+                        crop.astype(np.uint8).transpose(2, 0, 1), int(label))
+                    txn.put(f"{view:02d}_{index:05d}".encode(), datum.SerializeToString())
+    finally:
+        env.close()
+    data._replace(tmp, out)
+    return {"path": out, "photos": len(items), "views": VIEWS_PER_PHOTO * len(items)}
+
+
 # The tuning run of docs/resnet34.md: ResNet-34 costs about 0.1 s per image per pass here,
 # so the tuner sees 150 of the 250 tuning photos (105 search + 45 holdout), sweeps each
 # level on 20 of them, and uses SPET and SDSS (SFMA's sweep would add 85 evaluations).
 TUNE_OPTIONS = dict(budget=0.5, knobs=("spet", "sdss"), max_images=150, sweep_images=20,
                     batch=15, cache_mb=6000, seed=1701)
+# The label-free run (`--search views`): the sweep and the greedy are judged by agreement
+# with the dense net on the tuning photos' crops and flips (write_views), the first
+# search_count of them in view-major order (2 views of each of the 250 photos); every one
+# of the 250 labelled tuning photos then certifies the greedy path's walk-back
+# (docs/tuner.md, Label-free search). The search budget is looser than the budget: it only
+# orders the steps. Two workers with one OpenBLAS thread each.
+TUNE_VIEWS_OPTIONS = dict(budget=0.5, knobs=("spet", "sdss"), max_images=None,
+                          search_count=500, search_budget=3.0, sweep_images=100, batch=25,
+                          cache_mb=8000, seed=1701, workers=2)
+SEARCHES = ("labels", "views")
 BENCH_OPTIONS = ["--batch", "10", "--time-images", "10", "--repeats", "5"]
 
 
 def dyve(images_dir=None, out_dir=REPORT_DIR, threads="1,2", tune_options=None,
-         work_dir=WORK_DIR, time_limit=None):
+         work_dir=WORK_DIR, time_limit=None, search="labels"):
     """Tune the DyVE form on one half of the photos and measure it against the stock
     converted net on the other with dyve.bench; returns the bench summary.json path.
+    `search`: "labels" judges the search on labelled tuning photos (TUNE_OPTIONS);
+    "views" judges it label-free on their crops and flips (TUNE_VIEWS_OPTIONS).
     `time_limit` (seconds): stop the tuner then, keeping the best setting so far."""
     import signal
     from dyve import tune
@@ -422,8 +479,16 @@ def dyve(images_dir=None, out_dir=REPORT_DIR, threads="1,2", tune_options=None,
         info = json.load(f)
     fetch_dlib_models.model_path(fetch=False, model_dir=work_dir)  # re-verified
     halves = split_halves(images_dir, work_dir)
+    if search not in SEARCHES:
+        raise ConversionError(f"--search must be one of {', '.join(SEARCHES)}, got {search!r}")
     tune_dir = os.path.join(out_dir, "tune")
-    options = dict(TUNE_OPTIONS, **(tune_options or {}))
+    if search == "views":
+        views = write_views(halves["tune"], os.path.join(work_dir, "photos", "tune_views_lmdb"))
+        print(f"resnet34: {views['views']} views of {views['photos']} tuning photos in "
+              f"{views['path']}", flush=True)
+        options = dict(TUNE_VIEWS_OPTIONS, search_images=views["path"], **(tune_options or {}))
+    else:
+        options = dict(TUNE_OPTIONS, **(tune_options or {}))
     started = time.time()
     if time_limit:
         def stop(signum, frame):
@@ -480,6 +545,9 @@ def main(argv=None):
     d.add_argument("--out-dir", default=REPORT_DIR, help="default %(default)s")
     d.add_argument("--time-limit", type=float,
                    help="stop the tuner after this many seconds (best setting so far)")
+    d.add_argument("--search", choices=SEARCHES, default="labels",
+                   help="judge the search on labelled tuning photos, or label-free on "
+                        "their crops and flips (default %(default)s)")
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
@@ -491,7 +559,8 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
             print(format_check(result))
         elif args.command == "dyve":
-            dyve(args.images, args.out_dir, args.threads, time_limit=args.time_limit)
+            dyve(args.images, args.out_dir, args.threads, time_limit=args.time_limit,
+                 search=args.search)
         elif args.command == "split":
             for half, folder in split_halves(args.images).items():
                 print(f"{half}: {folder}")

@@ -345,7 +345,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                               if n not in ev.dyve),
             "ops_per_layer": {n: dyve_effort.ops(base["effort"][n]) / base["n"]
                               for n in ev.dyve}}
-        say(f"baseline: top-1 {result['baseline']['accuracy']:.2f} % on {len(images)} "
+        n_labelled = len(hold_idx) if search_images else len(images)  # what accuracy is on
+        say(f"baseline: top-1 {result['baseline']['accuracy']:.2f} % on {n_labelled} "
             f"calibration images, {dense / 1e6:.3f} M MACs/image in DyVE layers")
 
         # ---------------------------------------------------------------- 2. exact floor

@@ -101,6 +101,15 @@ int BlasThreads();
 /// Sets them (no-op without OpenBLAS).
 void SetBlasThreads(int threads);
 
+/// With fewer images than threads, DyveConvolution splits an image's output
+/// positions over the threads only when one image costs at least this many
+/// multiply-accumulates: below it, starting a thread costs more than it saves
+/// (docs/kernels.md, "Batch 1 on 2 threads"). 2^24 unless the environment
+/// variable DYVE_SPLIT_MACS gives another count (read once per process).
+uint64_t PositionSplitMacs();
+/// Sets it for this process (tests: 0 splits every layer).
+void SetPositionSplitMacs(uint64_t macs);
+
 /// True when any knob (SPET, exact mode, SDSS, SFMA) is on.
 bool DyveKnobsOn(const DyveParameter& param);
 

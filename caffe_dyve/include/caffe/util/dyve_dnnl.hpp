@@ -8,12 +8,19 @@
 namespace caffe {
 
 /// The shapes of one 2-D convolution forward, in Caffe's terms (dilation 1
-/// is no dilation), plus whether a bias and a ReLU follow.
+/// is no dilation), plus whether a bias and a ReLU follow. A band
+/// [band_begin, band_end) of output rows makes the kernel compute only those
+/// rows of the whole output, reading only the input rows they need (band_end
+/// 0: every row): one image split over threads by positions.
 struct DyveConvShape {
+  DyveConvShape();
   int num, channels, height, width, num_output, group;
   int kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w;
   int dilation_h, dilation_w;
+  int band_begin, band_end;
   bool bias, relu;
+  /// Output rows of the whole convolution.
+  int output_height() const;
   bool operator==(const DyveConvShape& other) const;
 };
 
@@ -51,9 +58,11 @@ class DyveDnnlConvolution {
   /// Whether SetWeights was called since the last shape change.
   bool has_weights() const;
   /// top = the convolution of bottom, plus the bias, rectified if the shape
-  /// says so. The kernel is made for one OpenMP thread (Configure): more
-  /// `threads` only help a kernel made for them. DyveConvolution runs one
-  /// kernel per thread of its own instead (docs/kernels.md).
+  /// says so. Both are the whole NCHW blobs, also for a band, which writes
+  /// only its rows of top. The kernel is made for one OpenMP thread
+  /// (Configure): more `threads` only help a kernel made for them.
+  /// DyveConvolution runs one kernel per thread of its own instead
+  /// (docs/kernels.md).
   void Forward(const float* bottom, float* top, int threads);
   /// oneDNN's implementation of the prepared kernel ("jit:avx2"), or "".
   std::string implementation() const;

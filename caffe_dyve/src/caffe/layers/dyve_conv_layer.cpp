@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 #include <string>
 #include <thread>  // NOLINT(build/c++11)
 #include <vector>
@@ -157,29 +158,56 @@ DyveConvShape DyveConvolutionLayer<Dtype>::KernelShape() const {
 }
 
 template <typename Dtype>
+uint64_t DyveConvolutionLayer<Dtype>::ImageMacs() const {
+  return static_cast<uint64_t>(this->top_dim_) * this->blobs_[0]->count(1);
+}
+
+template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::ConfigureDense() {
-  const bool was_ready = dense_ready_;
-  dense_ready_ = false;
   if (DyveKnobsOn(dyve_param_) || this->num_spatial_axes_ != 2 ||
       !DyveDnnlConvolution::Available()) {
+    dense_ready_ = false;
     return;
   }
   DyveConvShape shape = KernelShape();
-  // Images [t * num / threads, (t + 1) * num / threads) go to kernel t.
-  const int threads = std::max(1, std::min(this->num_, BlasThreads()));
-  while (dense_.size() < threads) {
-    dense_.push_back(shared_ptr<DyveDnnlConvolution>(
-        new DyveDnnlConvolution()));
-    dense_weights_version_.push_back(0);  // none held
-    dense_bias_version_.push_back(0);
+  // Images [t * num / threads, (t + 1) * num / threads) go to kernel t; with
+  // fewer images than threads, output rows [t * rows / threads, ...) of every
+  // image do (batch 1 on 2 threads). A band that sees only padding (oneDNN
+  // cannot run it) sends the batch back to the images split.
+  const int blas_threads = BlasThreads();
+  const int out_h = this->output_shape_[0];
+  const bool split = this->num_ < blas_threads &&
+      ImageMacs() >= PositionSplitMacs();
+  const int bands = split ? std::min(blas_threads, out_h) : 1;
+  const bool was_ready = dense_ready_, was_bands = dense_bands_;
+  const int was_threads = dense_threads_;
+  dense_ready_ = false;
+  for (int attempt = 0; attempt < 2 && !dense_ready_; ++attempt) {
+    dense_bands_ = attempt == 0 && bands > 1;
+    const int threads = dense_bands_ ? bands :
+        std::max(1, std::min(this->num_, blas_threads));
+    while (dense_.size() < threads) {
+      dense_.push_back(shared_ptr<DyveDnnlConvolution>(
+          new DyveDnnlConvolution()));
+      dense_weights_version_.push_back(0);  // none held
+      dense_bias_version_.push_back(0);
+    }
+    dense_threads_ = threads;
+    dense_ready_ = true;
+    for (int t = 0; t < threads && dense_ready_; ++t) {
+      if (dense_bands_) {
+        shape.band_begin = t * out_h / threads;
+        shape.band_end = (t + 1) * out_h / threads;
+      } else {
+        shape.band_begin = shape.band_end = 0;
+        shape.num = (t + 1) * this->num_ / threads - t * this->num_ / threads;
+      }
+      dense_ready_ = DenseConfigure(dense_[t].get(), shape, Dtype(0));
+    }
+    if (!dense_bands_) break;  // the images split: no other attempt
   }
-  dense_threads_ = threads;
-  dense_ready_ = true;
-  for (int t = 0; t < threads && dense_ready_; ++t) {
-    shape.num = (t + 1) * this->num_ / threads - t * this->num_ / threads;
-    dense_ready_ = DenseConfigure(dense_[t].get(), shape, Dtype(0));
-  }
-  if (dense_ready_ != was_ready) {
+  if (dense_ready_ != was_ready || (dense_ready_ &&
+      (dense_bands_ != was_bands || dense_threads_ != was_threads))) {
     LOG(INFO) << type() << " layer '" << this->layer_param_.name()
               << "': knobs-off path "
               << dense_path();
@@ -188,19 +216,27 @@ void DyveConvolutionLayer<Dtype>::ConfigureDense() {
 
 template <typename Dtype>
 std::string DyveConvolutionLayer<Dtype>::dense_path() const {
-  return dense_ready_ ? "oneDNN " + dense_[0]->implementation() : "caffe";
+  if (!dense_ready_) return "caffe";
+  std::ostringstream path;
+  path << "oneDNN " << dense_[0]->implementation();
+  if (dense_bands_) path << " in " << dense_threads_ << " row bands";
+  return path.str();
 }
 
 template <typename Dtype>
 std::string DyveConvolutionLayer<Dtype>::prefix_path() const {
-  return prefix_ready_ ?
-      "oneDNN " + works_[0].prefix_kernel->implementation() : "rows";
+  if (!prefix_ready_) return "rows";
+  std::ostringstream path;
+  path << "oneDNN " << works_[0].prefix_kernel->implementation();
+  if (prefix_bands_) path << " in row bands";
+  return path.str();
 }
 
 template <typename Dtype>
-void DyveConvolutionLayer<Dtype>::ConfigurePrefix(int threads) {
-  const bool was_ready = prefix_ready_;
+void DyveConvolutionLayer<Dtype>::ConfigurePrefix(int threads, bool bands) {
+  const bool was_ready = prefix_ready_, was_bands = prefix_bands_;
   prefix_ready_ = false;
+  prefix_bands_ = bands;
   const DyveNeuronPlan<Dtype>& plan = plans_[0];
   const int taps = this->blobs_[0]->count(2);
   if (this->group_ == 1 && this->num_spatial_axes_ == 2 &&
@@ -216,6 +252,7 @@ void DyveConvolutionLayer<Dtype>::ConfigurePrefix(int threads) {
     shape.stride_h *= sample;
     shape.stride_w *= sample;
     shape.relu = false;  // the gate reads the signed prefix sums
+    const int grid_rows = shape.output_height();
     const uint64_t bias_version =
         this->bias_term_ ? this->blobs_[1]->data()->version() : 0;
     bool weights_taken = false;
@@ -226,6 +263,10 @@ void DyveConvolutionLayer<Dtype>::ConfigurePrefix(int threads) {
         work.prefix_kernel.reset(new DyveDnnlConvolution());
       }
       DyveDnnlConvolution* prefix_kernel = work.prefix_kernel.get();
+      if (bands) {
+        SplitRows(grid_rows, t, threads, &shape.band_begin, &shape.band_end);
+      }
+      // A band in the padding alone cannot run: the rows take the prefix.
       prefix_ready_ = DenseConfigure(prefix_kernel, shape, Dtype(0));
       if (prefix_ready_ && (!prefix_kernel->has_weights() ||
           work.prefix_generation != prefix_generation_ ||
@@ -239,14 +280,21 @@ void DyveConvolutionLayer<Dtype>::ConfigurePrefix(int threads) {
       }
     }
   }
-  if (prefix_ready_ != was_ready) {
+  if (prefix_ready_ != was_ready || (prefix_ready_ && bands != was_bands)) {
     LOG(INFO) << type() << " layer '" << this->layer_param_.name()
               << "': SPET prefix path " << prefix_path();
   }
 }
 
 template <typename Dtype>
-void DyveConvolutionLayer<Dtype>::PrefixSums(const Dtype* group_input,
+void DyveConvolutionLayer<Dtype>::SplitRows(int rows, int t, int split,
+    int* begin, int* end) {
+  *begin = t * rows / split;
+  *end = (t + 1) * rows / split;
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::PreparePrefix(const Dtype* group_input,
     const DyveNeuronPlan<Dtype>& plan, ImageWork* work) const {
   const int map_size =
       this->conv_input_shape_.cpu_data()[1] *
@@ -257,22 +305,20 @@ void DyveConvolutionLayer<Dtype>::PrefixSums(const Dtype* group_input,
   // natural order they are the input itself.
   bool natural = true;
   for (int k = 0; k < prefix_channels; ++k) natural &= row_channels[k] == k;
-  const Dtype* prefix_input = group_input;
+  work->prefix_source = group_input;
   if (!natural) {
     work->prefix_input.resize(prefix_channels * map_size);
     for (int k = 0; k < prefix_channels; ++k) {
       const Dtype* map = group_input + row_channels[k] * map_size;
       std::copy(map, map + map_size, &work->prefix_input[k * map_size]);
     }
-    prefix_input = work->prefix_input.data();
+    work->prefix_source = work->prefix_input.data();
   }
   const int sample =
       dyve_param_.sdss().enabled() ? dyve_param_.sdss().stride() : 1;
   const int grid_h = (this->output_shape_[0] + sample - 1) / sample;
   const int grid_w = (this->output_shape_[1] + sample - 1) / sample;
   work->prefix_sums.resize(this->num_output_ * grid_h * grid_w);
-  DenseForward(work->prefix_kernel.get(), prefix_input,
-      work->prefix_sums.data(), 1);
 }
 
 template <typename Dtype>
@@ -300,7 +346,8 @@ bool DyveConvolutionLayer<Dtype>::ForwardDense(
     Dtype* top_data = top[i]->mutable_cpu_data();
     std::vector<std::thread> pool;
     for (int t = threads - 1; t >= 0; --t) {
-      const int begin = t * this->num_ / threads;
+      // A band kernel takes the whole blobs and writes its rows of them.
+      const int begin = dense_bands_ ? 0 : t * this->num_ / threads;
       const Dtype* in = bottom_data + begin * this->bottom_dim_;
       Dtype* out = top_data + begin * this->top_dim_;
       DyveDnnlConvolution* dense = dense_[t].get();
@@ -429,19 +476,37 @@ void DyveConvolutionLayer<Dtype>::GatherRow(int p, Dtype* row,
   }
 }
 
+namespace {
+
+// Runs body(t) for t in [0, threads), body(0) on the calling thread.
+template <typename Body>
+void RunOnThreads(int threads, const Body& body) {
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.push_back(std::thread(body, t));
+  body(0);
+  for (int t = 0; t < pool.size(); ++t) pool[t].join();
+}
+
+}  // namespace
+
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
-    Dtype* output, ImageWork* work) const {
+    Dtype* output, ImageWork* works, int split) const {
   const int map_size =
       this->conv_input_shape_.cpu_data()[1] *
       this->conv_input_shape_.cpu_data()[2];
-  const int positions = this->output_shape_[0] * this->output_shape_[1];
+  const int out_height = this->output_shape_[0];
+  const int positions = out_height * this->output_shape_[1];
   const int group_outputs = this->num_output_ / this->group_;
   const int group_channels = this->channels_ / this->group_;
   const uint64_t fan_in = this->blobs_[0]->count(1);
   const int taps = this->blobs_[0]->count(2);
   const Dtype* bias = this->bias_term_ ? this->blobs_[1]->cpu_data() : NULL;
-  DyveEffort& effort = work->effort;  // this thread's counters
+  const bool sdss = dyve_param_.sdss().enabled();
+  const int sample = sdss ? dyve_param_.sdss().stride() : 1;
+  const int grid_rows = (out_height + sample - 1) / sample;
+  ImageWork* work = works;  // the image's state, and thread 0's scratch
+  DyveEffort& effort = work->effort;
   effort.images += 1;
   effort.outputs += static_cast<uint64_t>(this->num_output_) * positions;
   effort.macs_dense +=
@@ -464,23 +529,38 @@ void DyveConvolutionLayer<Dtype>::ForwardImage(const Dtype* input,
       }
     }
     if (work->prefix_dense) {
-      PrefixSums(group_input, plan, work);
+      PreparePrefix(group_input, plan, work);
       // Rows hold the rest only; SDSS's fill needs whole rows later.
       work->rest_channels.assign(
           row_channels.begin() + plan.prefix_length() / taps,
           row_channels.end());
-      PadInput(group_input, group_channels, dyve_param_.sdss().enabled() ?
+      PadInput(group_input, group_channels, sdss ?
           row_channels : work->rest_channels, work);
       SetRowChannels(work->rest_channels, work);
     } else {
       PadInput(group_input, group_channels, row_channels, work);
       SetRowChannels(row_channels, work);
     }
+    ListGridPositions(work);
     Dtype* group_output = output + g * group_outputs * positions;
-    EvaluateGridPositions(plan, group_output, work);
-    if (dyve_param_.sdss().enabled()) {
+    // Thread t: its band of grid rows, prefix sums (its kernel's band) and
+    // rows; then, once every grid value is in, its band of the fill.
+    RunOnThreads(split, [&](int t) {
+      int begin, end;
+      SplitRows(grid_rows, t, split, &begin, &end);
+      if (work->prefix_dense) {
+        DenseForward(works[t].prefix_kernel.get(), work->prefix_source,
+            work->prefix_sums.data(), 1);
+      }
+      EvaluateGridPositions(plan, group_output, *work, begin, end, &works[t]);
+    });
+    if (sdss) {
       if (work->prefix_dense) SetRowChannels(row_channels, work);
-      FillSdssPositions(plan, group_output, work);
+      RunOnThreads(split, [&](int t) {
+        int begin, end;
+        SplitRows(out_height, t, split, &begin, &end);
+        FillSdssPositions(plan, group_output, *work, begin, end, &works[t]);
+      });
     }
   }
 }
@@ -581,16 +661,17 @@ const DyveNeuronPlan<Dtype>& DyveConvolutionLayer<Dtype>::BuildSfmaTable(
 
 template <typename Dtype>
 inline Dtype DyveConvolutionLayer<Dtype>::InitialValue(int o, int p,
-    ImageWork* work) const {
-  return (work->bias ? work->bias[o] : Dtype(0)) + SfmaTerm(o, p, work);
+    const ImageWork& image, ImageWork* work) const {
+  const Dtype bias = image.bias ? image.bias[o] : Dtype(0);
+  return bias + SfmaTerm(o, p, image, work);
 }
 
 template <typename Dtype>
 inline Dtype DyveConvolutionLayer<Dtype>::SfmaTerm(int o, int p,
-    ImageWork* work) const {
-  if (work->constant_count == 0) return Dtype(0);
-  work->effort.macs_skipped_sfma += work->sfma_skipped;
-  const Dtype* table = &work->sfma_table[o * work->table_size];
+    const ImageWork& image, ImageWork* work) const {
+  if (image.constant_count == 0) return Dtype(0);
+  work->effort.macs_skipped_sfma += image.sfma_skipped;
+  const Dtype* table = &image.sfma_table[o * image.table_size];
   const int* rect = &sfma_rect_[p * 5];
   if (rect[0] == kInterior) {
     work->effort.ops_sfma += 1;
@@ -602,12 +683,9 @@ inline Dtype DyveConvolutionLayer<Dtype>::SfmaTerm(int o, int p,
 }
 
 template <typename Dtype>
-void DyveConvolutionLayer<Dtype>::EvaluateGridPositions(
-    const DyveNeuronPlan<Dtype>& plan, Dtype* group_output,
-    ImageWork* work) const {
+void DyveConvolutionLayer<Dtype>::ListGridPositions(ImageWork* work) const {
   const int out_width = this->output_shape_[1];
   const int positions = this->output_shape_[0] * out_width;
-  const int group_outputs = this->num_output_ / this->group_;
   const bool sdss = dyve_param_.sdss().enabled();
   const int sample = dyve_param_.sdss().stride();
   std::vector<int>& grid = work->grid;
@@ -616,35 +694,50 @@ void DyveConvolutionLayer<Dtype>::EvaluateGridPositions(
     const int y = p / out_width, x = p % out_width;
     if (!sdss || (y % sample == 0 && x % sample == 0)) grid.push_back(p);
   }
+  work->grid_width = sdss ? (out_width + sample - 1) / sample : out_width;
+}
+
+template <typename Dtype>
+void DyveConvolutionLayer<Dtype>::EvaluateGridPositions(
+    const DyveNeuronPlan<Dtype>& plan, Dtype* group_output,
+    const ImageWork& image, int row_begin, int row_end,
+    ImageWork* work) const {
+  const int positions = this->output_shape_[0] * this->output_shape_[1];
+  const int group_outputs = this->num_output_ / this->group_;
+  const std::vector<int>& grid = image.grid;
+  const int first = row_begin * image.grid_width;
+  const int last = row_end * image.grid_width;
   // In passes of a few rows, so that gathered rows are still in cache when
   // the GEMM and the survivors read them.
   // With the prefix from oneDNN, rows hold the rest taps only.
-  const bool prefix_dense = work->prefix_dense;
+  const bool prefix_dense = image.prefix_dense;
   const int row_length = prefix_dense ?
       plan.row_length() - plan.prefix_length() : plan.row_length();
-  const int pass_rows = std::min<int>(grid.size(), kRowsPerPass);
+  const int pass_rows = std::min<int>(std::max(1, last - first),
+                                      kRowsPerPass);
   std::vector<Dtype>& rows = work->rows;
   std::vector<Dtype>& z = work->z;
   rows.resize(std::max(1, pass_rows * row_length) + kSlack);
   z.resize(pass_rows * group_outputs);
-  for (int start = 0; start < grid.size(); start += pass_rows) {
-    const int count = std::min<int>(pass_rows, grid.size() - start);
+  for (int start = first; start < last; start += pass_rows) {
+    const int count = std::min<int>(pass_rows, last - start);
     for (int r = 0; r < count; ++r) {
-      GatherRow(grid[start + r], &rows[r * row_length], work);
+      GatherRow(grid[start + r], &rows[r * row_length], &image);
     }
     if (prefix_dense) {
       // Bias and prefix sums, transposed to one row of outputs per position,
       // plus SFMA's term of the constant maps (all in the rest).
-      const Dtype* sums = work->prefix_sums.data() + start;
+      const Dtype* sums = image.prefix_sums.data() + start;
       for (int r = 0; r < count; ++r) {
         for (int o = 0; o < group_outputs; ++o) {
           z[r * group_outputs + o] = sums[o * grid.size() + r];
         }
       }
-      if (work->constant_count > 0) {
+      if (image.constant_count > 0) {
         for (int r = 0; r < count; ++r) {
           for (int o = 0; o < group_outputs; ++o) {
-            z[r * group_outputs + o] += SfmaTerm(o, grid[start + r], work);
+            z[r * group_outputs + o] +=
+                SfmaTerm(o, grid[start + r], image, work);
           }
         }
       }
@@ -653,7 +746,8 @@ void DyveConvolutionLayer<Dtype>::EvaluateGridPositions(
     } else {
       for (int r = 0; r < count; ++r) {
         for (int o = 0; o < group_outputs; ++o) {
-          z[r * group_outputs + o] = InitialValue(o, grid[start + r], work);
+          z[r * group_outputs + o] =
+              InitialValue(o, grid[start + r], image, work);
         }
       }
       plan.EvaluateRows(rows.data(), count, z.data(), &work->scratch,
@@ -719,6 +813,7 @@ int TestSdssPosition(Dtype* group_output, int positions, int p,
 template <typename Dtype>
 void DyveConvolutionLayer<Dtype>::FillSdssPositions(
     const DyveNeuronPlan<Dtype>& plan, Dtype* group_output,
+    const ImageWork& image, int row_begin, int row_end,
     ImageWork* work) const {
   const int out_height = this->output_shape_[0];
   const int out_width = this->output_shape_[1];
@@ -739,7 +834,7 @@ void DyveConvolutionLayer<Dtype>::FillSdssPositions(
   row.resize(std::max(1, plan.row_length()) + kSlack);
   maxima.resize(std::max(1, plan.rest_channels()));
   computed.resize(group_outputs);
-  for (int p = 0; p < positions; ++p) {
+  for (int p = row_begin * out_width; p < row_end * out_width; ++p) {
     const int y = p / out_width, x = p % out_width;
     if (y % sample == 0 && x % sample == 0) continue;
     const int y0 = y - y % sample, x0 = x - x % sample;
@@ -773,10 +868,10 @@ void DyveConvolutionLayer<Dtype>::FillSdssPositions(
     if (count == 0) continue;
     values.resize(count);
     for (int i = 0; i < count; ++i) {
-      values[i] = InitialValue(computed[i], p, work);
+      values[i] = InitialValue(computed[i], p, image, work);
     }
     // The significant neurons of this position, on one gathered row.
-    GatherRow(p, row.data(), work);
+    GatherRow(p, row.data(), &image);
     if (plan.uses_bound()) {
       plan.RowMaxima(row.data(), maxima.data(), &effort);
     }
@@ -817,13 +912,28 @@ void DyveConvolutionLayer<Dtype>::Forward_cpu(
     }
     Dtype* top_data = top[i]->mutable_cpu_data();
     // The images of a batch split over as many threads as BLAS may use; BLAS
-    // runs single-threaded inside them (docs/performance.md).
+    // runs single-threaded inside them (docs/performance.md). With fewer
+    // images than threads, each image's positions split instead, by rows of
+    // SDSS's grid (every row without SDSS).
     const int blas_threads = BlasThreads();
-    const int threads = std::max(1, std::min(this->num_, blas_threads));
+    const int sample =
+        dyve_param_.sdss().enabled() ? dyve_param_.sdss().stride() : 1;
+    const int grid_rows = (this->output_shape_[0] + sample - 1) / sample;
+    const bool by_positions = this->num_ < blas_threads && grid_rows > 1 &&
+        ImageMacs() >= PositionSplitMacs();
+    const int threads = by_positions ? std::min(blas_threads, grid_rows) :
+        std::max(1, std::min(this->num_, blas_threads));
     works_.resize(std::max<size_t>(works_.size(), threads));
-    ConfigurePrefix(threads);
+    ConfigurePrefix(threads, by_positions);
     if (threads == 1) {
       ForwardImages(bottom_data, top_data, 0, this->num_, &works_[0]);
+    } else if (by_positions) {
+      SetBlasThreads(1);
+      for (int n = 0; n < this->num_; ++n) {
+        ForwardImage(bottom_data + n * this->bottom_dim_,
+            top_data + n * this->top_dim_, &works_[0], threads);
+      }
+      SetBlasThreads(blas_threads);
     } else {
       SetBlasThreads(1);
       std::vector<std::thread> pool;
@@ -849,7 +959,7 @@ void DyveConvolutionLayer<Dtype>::ForwardImages(const Dtype* bottom,
     Dtype* top, int begin, int end, ImageWork* work) const {
   for (int n = begin; n < end; ++n) {
     ForwardImage(bottom + n * this->bottom_dim_, top + n * this->top_dim_,
-        work);
+        work, 1);
   }
 }
 

@@ -1,4 +1,5 @@
 #include <cmath>
+#include <cstdlib>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -69,6 +70,27 @@ void SetBlasThreads(int threads) {
   openblas_set_num_threads(threads);
 #endif
 }
+
+namespace {
+
+uint64_t ReadPositionSplitMacs() {
+  const char* text = std::getenv("DYVE_SPLIT_MACS");
+  if (text == NULL || *text == '\0') return uint64_t(1) << 24;
+  char* end = NULL;
+  const unsigned long long macs = std::strtoull(text, &end, 10);  // NOLINT
+  CHECK(*end == '\0' && text[0] != '-')
+      << "DYVE_SPLIT_MACS must be a count of multiply-accumulates, got '"
+      << text << "'";
+  return macs;
+}
+
+uint64_t position_split_macs = ReadPositionSplitMacs();
+
+}  // namespace
+
+uint64_t PositionSplitMacs() { return position_split_macs; }
+
+void SetPositionSplitMacs(uint64_t macs) { position_split_macs = macs; }
 
 bool DyveKnobsOn(const DyveParameter& param) {
   return param.spet().enabled() || param.spet().exact() ||

@@ -493,6 +493,99 @@ TYPED_TEST(DyveConvolutionLayerTest, TestBatchOverThreadsEqualsOneThread) {
   EXPECT_GT(reference_effort[9].second, 0);  // ops_spet: SPET did run
 }
 
+// Fewer images than threads (batch 1 on 2 threads): each image's positions
+// split over the threads by rows of SDSS's grid (SPET's prefix kernel in one
+// band of grid rows per thread), then the fill by rows of the output. Every
+// knob, on the prefix kernel (float, one group) and on the rows (double,
+// groups), must give the outputs and counters of one thread exactly.
+TYPED_TEST(DyveConvolutionLayerTest, TestPositionSplitEqualsOneThread) {
+  typedef typename TypeParam::Dtype Dtype;
+  const ConvShape list[] = {
+    // num, C, H, W, O, kh, kw, stride, pad, dilation, group, bias
+    {1, 32, 16, 16, 32, 5, 5, 1, 2, 1, 1, true},   // cifar10 conv2
+    {2, 7, 9, 11, 5, 3, 2, 2, 1, 2, 1, false},     // stride, dilation
+    {1, 6, 10, 10, 4, 3, 3, 1, 1, 1, 2, true},     // group 2: rows
+  };
+  const int saved_threads = BlasThreads();
+  const uint64_t saved_split_macs = PositionSplitMacs();
+  SetPositionSplitMacs(0);  // these shapes are far below the default
+  for (int i = 0; i < sizeof(list) / sizeof(list[0]); ++i) {
+    const ConvShape& s = list[i];
+    for (int variant = 0; variant < 4; ++variant) {
+      this->FillBottom(s, 0, 1);
+      // An SFMA map in image 0 (channel 2: in the rest or the prefix,
+      // whichever its weights put it in).
+      Dtype* map =
+          this->bottom_->mutable_cpu_data() + this->bottom_->offset(0, 2);
+      std::fill(map, map + s.height * s.width, Dtype(0.5));
+      LayerParameter param = this->ConvParam(s);
+      DyveParameter* dyve = param.mutable_dyve_param();
+      dyve->set_relu(true);
+      DyveSpetParameter* spet = dyve->mutable_spet();
+      spet->set_enabled(true);
+      spet->set_fraction(0.5);
+      spet->set_threshold(0.1);
+      if (variant >= 1) {
+        spet->set_gate(DyveSpetParameter_Gate_BOUND);
+        spet->set_bound_scale(0.02);
+        spet->set_threshold(0);
+      }
+      if (variant == 2 || variant == 3) {
+        dyve->mutable_sdss()->set_enabled(true);
+        dyve->mutable_sdss()->set_stride(variant);
+        dyve->mutable_sdss()->set_threshold(0.2);
+      }
+      if (variant == 3) {
+        dyve->mutable_sdss()->set_fill(DyveSdssParameter_Fill_MEAN);
+        dyve->mutable_sfma()->set_enabled(true);
+      }
+      std::vector<Dtype> reference;
+      std::vector<std::pair<std::string, uint64_t> > reference_effort;
+      for (int threads = 1; threads <= 4; ++threads) {
+        SetBlasThreads(threads);
+        ASSERT_EQ(BlasThreads(), threads);
+        Caffe::set_random_seed(1704);  // the same weights and bias every time
+        DyveConvolutionLayer<Dtype> layer(param);
+        layer.SetUp(this->bottom_vec_, this->top_vec_);
+        this->RefillWeights(&layer);
+        layer.Forward(this->bottom_vec_, this->top_vec_);
+        const Dtype* top = this->top_->cpu_data();
+        const bool kernel = sizeof(Dtype) == sizeof(float) &&
+            DyveDnnlConvolution::Available() && s.group == 1;
+        EXPECT_EQ(layer.prefix_path().find(" in row bands") !=
+            std::string::npos, kernel && s.num < threads)
+            << layer.prefix_path() << ", shape " << i << ", " << threads;
+        if (threads == 1) {
+          reference.assign(top, top + this->top_->count());
+          reference_effort = layer.effort().Items();
+          EXPECT_GT(layer.effort().spet_zeroed, 0) << "shape " << i;
+          if (variant >= 2) {
+            EXPECT_GT(layer.effort().sdss_filled, 0) << "shape " << i;
+          }
+          if (variant == 3) {
+            EXPECT_GT(layer.effort().sfma_maps, 0) << "shape " << i;
+          }
+          continue;
+        }
+        // A thread's share of the grid is evaluated in shorter passes, and
+        // BLAS may sum a shorter GEMM in another order: the outputs agree to
+        // rounding, the counters (every decision) exactly.
+        const Dtype tolerance = sizeof(Dtype) == sizeof(float) ? 1e-5 : 1e-12;
+        for (int k = 0; k < this->top_->count(); ++k) {
+          ASSERT_NEAR(top[k], reference[k],
+              tolerance * std::max(Dtype(1), std::fabs(reference[k])))
+              << "shape " << i << ", variant " << variant << ", " << threads
+              << " threads, at " << k;
+        }
+        EXPECT_EQ(layer.effort().Items(), reference_effort) << "shape " << i
+            << ", variant " << variant << ", " << threads << " threads";
+      }
+    }
+  }
+  SetBlasThreads(saved_threads);
+  SetPositionSplitMacs(saved_split_macs);
+}
+
 TYPED_TEST(DyveConvolutionLayerTest, TestSdssHandMade) {
   typedef typename TypeParam::Dtype Dtype;
   // One 3x3 map through a 1x1 identity kernel: the grid (stride 2) is the
@@ -1274,6 +1367,69 @@ TYPED_TEST(DyveConvolutionLayerTest, TestDenseKernelFollowsChanges) {
       sizeof(Dtype) == sizeof(float) && DyveDnnlConvolution::Available());
 }
 
+// Fewer images than threads (batch 1 on 2 threads): the knobs-off oneDNN path
+// splits every image's output rows into one band per thread, each band
+// reading only its input rows with the padding it sees. Bands at the borders,
+// strides, dilation, groups, and a band lying in the padding alone (oneDNN
+// cannot take it: the batch goes to one kernel) must all equal the stock layer.
+TYPED_TEST(DyveConvolutionLayerTest, TestDenseKernelRowBands) {
+  typedef typename TypeParam::Dtype Dtype;
+  const ConvShape list[] = {
+    // num, C, H, W, O, kh, kw, stride, pad, dilation, group, bias
+    {1, 3, 9, 8, 4, 3, 3, 1, 1, 1, 1, true},
+    {1, 16, 9, 9, 8, 3, 3, 2, 1, 1, 1, false},     // stride 2, last row unread
+    {2, 6, 11, 10, 9, 3, 3, 1, 2, 2, 3, true},     // 2 images, 3+ threads
+    {1, 5, 6, 7, 7, 1, 1, 1, 0, 1, 1, true},       // 1x1
+    {1, 4, 5, 6, 3, 5, 3, 1, 2, 1, 1, true},       // 5 rows, up to 4 bands
+    {1, 2, 3, 3, 4, 3, 3, 1, 4, 1, 1, true},       // first band all padding
+  };
+  const bool onednn = sizeof(Dtype) == sizeof(float) &&
+      DyveDnnlConvolution::Available();
+  const int saved_threads = BlasThreads();
+  const uint64_t saved_split_macs = PositionSplitMacs();
+  SetPositionSplitMacs(0);  // these shapes are far below the default
+  for (int i = 0; i < sizeof(list) / sizeof(list[0]); ++i) {
+    for (int threads = 2; threads <= 4; ++threads) {
+      SetBlasThreads(threads);
+      ASSERT_EQ(BlasThreads(), threads);
+      for (int relu = 0; relu < 2; ++relu) {
+        this->FillBottom(list[i], -1, 1);
+        LayerParameter param = this->ConvParam(list[i]);
+        param.mutable_dyve_param()->set_relu(relu);
+        DyveConvolutionLayer<Dtype> layer(param);
+        layer.SetUp(this->bottom_vec_, this->top_vec_);
+        layer.Forward(this->bottom_vec_, this->top_vec_);
+        this->RunStock(list[i], &layer, relu);
+        this->ExpectTopsNear(1e-4);
+        const std::string path = layer.dense_path();
+        const bool padding_band = i == 5 && threads == 4;
+        const bool banded = onednn && list[i].num < threads && !padding_band;
+        EXPECT_EQ(path.find("oneDNN") == 0, onednn) << path << ", shape " << i;
+        EXPECT_EQ(path.find(" row bands") != std::string::npos, banded)
+            << path << ", shape " << i << ", " << threads << " threads";
+        EXPECT_EQ(layer.effort().macs_executed, layer.effort().macs_dense);
+        EXPECT_EQ(layer.effort().outputs, this->top_->count());
+      }
+    }
+  }
+  // The split starts at PositionSplitMacs multiply-accumulates per image.
+  const ConvShape& s = list[0];
+  const uint64_t image_macs = static_cast<uint64_t>(s.outputs) * 9 * 8 *
+      s.channels * s.kernel_h * s.kernel_w;  // 9 x 8 positions
+  SetBlasThreads(2);
+  for (int above = 0; above < 2; ++above) {
+    SetPositionSplitMacs(image_macs + above);
+    this->FillBottom(s, -1, 1);
+    DyveConvolutionLayer<Dtype> layer(this->ConvParam(s));
+    layer.SetUp(this->bottom_vec_, this->top_vec_);
+    layer.Forward(this->bottom_vec_, this->top_vec_);
+    EXPECT_EQ(layer.dense_path().find(" row bands") != std::string::npos,
+        onednn && !above) << layer.dense_path();
+  }
+  SetBlasThreads(saved_threads);
+  SetPositionSplitMacs(saved_split_macs);
+}
+
 // SPET's prefix on oneDNN (docs/kernels.md): for float blobs with one group
 // and SPET's per-layer or interleaved order, the prefix sums come from a
 // convolution over the prefix channels (at SDSS's grid stride with SDSS on),
@@ -1370,7 +1526,9 @@ TYPED_TEST(DyveConvolutionLayerTest, TestSpetPrefixKernelEqualsRows) {
       EXPECT_EQ(layer.effort().Items(), reference.effort().Items())
           << "shape " << i << ", variant " << variant;
       EXPECT_GT(layer.effort().spet_zeroed, 0) << "shape " << i;
-      if (variant == 4) EXPECT_EQ(layer.effort().sfma_maps, s.num + 1);
+      if (variant == 4) {
+        EXPECT_EQ(layer.effort().sfma_maps, s.num + 1);
+      }
     }
   }
 }

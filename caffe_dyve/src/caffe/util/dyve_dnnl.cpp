@@ -13,13 +13,25 @@
 
 namespace caffe {
 
+DyveConvShape::DyveConvShape()
+    : num(0), channels(0), height(0), width(0), num_output(0), group(1),
+      kernel_h(1), kernel_w(1), stride_h(1), stride_w(1), pad_h(0), pad_w(0),
+      dilation_h(1), dilation_w(1), band_begin(0), band_end(0), bias(false),
+      relu(false) {}
+
+int DyveConvShape::output_height() const {
+  return (height + 2 * pad_h - (dilation_h * (kernel_h - 1) + 1)) / stride_h +
+      1;
+}
+
 bool DyveConvShape::operator==(const DyveConvShape& o) const {
   return num == o.num && channels == o.channels && height == o.height &&
       width == o.width && num_output == o.num_output && group == o.group &&
       kernel_h == o.kernel_h && kernel_w == o.kernel_w &&
       stride_h == o.stride_h && stride_w == o.stride_w && pad_h == o.pad_h &&
       pad_w == o.pad_w && dilation_h == o.dilation_h &&
-      dilation_w == o.dilation_w && bias == o.bias && relu == o.relu;
+      dilation_w == o.dilation_w && band_begin == o.band_begin &&
+      band_end == o.band_end && bias == o.bias && relu == o.relu;
 }
 
 bool DyveDnnlConvolution::Available() {
@@ -57,7 +69,7 @@ class OmpThreads {
 
 struct DyveDnnlConvolution::State {
   State() : configured(false), usable(false), weighted(false),
-      src_reorder(false), dst_reorder(false) {}
+      src_reorder(false), dst_reorder(false), src_offset(0), dst_offset(0) {}
   DyveConvShape shape;
   bool configured, usable, weighted, src_reorder, dst_reorder;
   dnnl::engine engine;
@@ -72,6 +84,8 @@ struct DyveDnnlConvolution::State {
   dnnl::memory user_src, user_dst, src, dst, weights, bias;
   dnnl::memory scratch, to_kernel_scratch, to_caffe_scratch;
   std::string implementation;
+  // Where a band's input and output rows start in the whole blobs.
+  size_t src_offset, dst_offset;
 };
 
 DyveDnnlConvolution::DyveDnnlConvolution() : state_(new State) {}
@@ -90,13 +104,35 @@ bool DyveDnnlConvolution::Configure(const DyveConvShape& shape) {
   using dnnl::memory;
   typedef memory::format_tag tag;
   const memory::data_type f32 = memory::data_type::f32;
-  const int out_h = (shape.height + 2 * shape.pad_h -
-      (shape.dilation_h * (shape.kernel_h - 1) + 1)) / shape.stride_h + 1;
+  const int out_h = shape.output_height();
   const int out_w = (shape.width + 2 * shape.pad_w -
       (shape.dilation_w * (shape.kernel_w - 1) + 1)) / shape.stride_w + 1;
-  const memory::dims src_dims = {shape.num, shape.channels, shape.height,
-      shape.width};
-  const memory::dims dst_dims = {shape.num, shape.num_output, out_h, out_w};
+  // A band of output rows reads input rows [in_begin, in_end) of the blob, a
+  // strided view of it, with the padding its rows see at the top and bottom.
+  const int row_begin = shape.band_end > 0 ? shape.band_begin : 0;
+  const int row_end = shape.band_end > 0 ? shape.band_end : out_h;
+  CHECK(0 <= row_begin && row_begin < row_end && row_end <= out_h)
+      << "DyveDnnlConvolution: band [" << row_begin << ", " << row_end
+      << ") of " << out_h << " output rows";
+  const int first = row_begin * shape.stride_h - shape.pad_h;
+  const int span = (row_end - row_begin - 1) * shape.stride_h +
+      shape.dilation_h * (shape.kernel_h - 1) + 1;
+  const int in_begin = std::max(0, first);
+  const int in_end = std::min(shape.height, first + span);
+  if (in_end <= in_begin) return false;  // a band in the padding alone
+  const int pad_top = in_begin - first, pad_bottom = first + span - in_end;
+  s.src_offset = static_cast<size_t>(in_begin) * shape.width;
+  s.dst_offset = static_cast<size_t>(row_begin) * out_w;
+  const memory::dims src_dims = {shape.num, shape.channels,
+      in_end - in_begin, shape.width};
+  const memory::dims dst_dims = {shape.num, shape.num_output,
+      row_end - row_begin, out_w};
+  const memory::dims src_strides = {
+      static_cast<memory::dim>(shape.channels) * shape.height * shape.width,
+      static_cast<memory::dim>(shape.height) * shape.width, shape.width, 1};
+  const memory::dims dst_strides = {
+      static_cast<memory::dim>(shape.num_output) * out_h * out_w,
+      static_cast<memory::dim>(out_h) * out_w, out_w, 1};
   const int g = shape.group;
   const memory::dims w_dims = g == 1 ?
       memory::dims({shape.num_output, shape.channels, shape.kernel_h,
@@ -119,7 +155,7 @@ bool DyveDnnlConvolution::Configure(const DyveConvShape& shape) {
         memory::desc(dst_dims, f32, tag::any),
         {shape.stride_h, shape.stride_w},
         {shape.dilation_h - 1, shape.dilation_w - 1},  // oneDNN counts gaps
-        {shape.pad_h, shape.pad_w}, {shape.pad_h, shape.pad_w});
+        {pad_top, shape.pad_w}, {pad_bottom, shape.pad_w});
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     if (shape.relu) {
@@ -129,8 +165,8 @@ bool DyveDnnlConvolution::Configure(const DyveConvShape& shape) {
     }
     s.pd = dnnl::convolution_forward::primitive_desc(desc, attr, s.engine);
     s.conv = dnnl::convolution_forward(s.pd);
-    s.user_src = memory({src_dims, f32, tag::nchw}, s.engine, NULL);
-    s.user_dst = memory({dst_dims, f32, tag::nchw}, s.engine, NULL);
+    s.user_src = memory({src_dims, f32, src_strides}, s.engine, NULL);
+    s.user_dst = memory({dst_dims, f32, dst_strides}, s.engine, NULL);
     s.src_reorder = s.pd.src_desc() != s.user_src.get_desc();
     s.dst_reorder = s.pd.dst_desc() != s.user_dst.get_desc();
     s.src = s.src_reorder ? memory(s.pd.src_desc(), s.engine) : s.user_src;
@@ -189,8 +225,8 @@ void DyveDnnlConvolution::Forward(const float* bottom, float* top,
   CHECK(s.usable && s.weighted)
       << "DyveDnnlConvolution::Forward before Configure and SetWeights";
   const OmpThreads team(threads);
-  s.user_src.set_data_handle(const_cast<float*>(bottom));
-  s.user_dst.set_data_handle(top);
+  s.user_src.set_data_handle(const_cast<float*>(bottom) + s.src_offset);
+  s.user_dst.set_data_handle(top + s.dst_offset);
   if (s.src_reorder) {
     s.to_kernel.execute(s.stream, {{DNNL_ARG_FROM, s.user_src},
         {DNNL_ARG_TO, s.src}, {DNNL_ARG_SCRATCHPAD, s.to_kernel_scratch}});

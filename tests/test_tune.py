@@ -371,6 +371,25 @@ def test_interrupt_writes_best_so_far(tiny, tmp_path, stage, after):
     assert "Interrupted" in (tmp_path / "search.md").read_text()
 
 
+def test_search_time_stops_the_greedy_and_still_certifies(tiny, tuned, tmp_path):
+    # Unlimited, the greedy ends on its own after some rounds.
+    assert tuned[0]["greedy"]["rounds"] > 0
+    assert tuned[0]["greedy"]["stopped_by"] != "search time"
+    # Spent before the first round: the sweep still ran, no greedy round started, and the
+    # exact floor (step 0) was certified on the holdout; not an interruption.
+    result = run(tiny, tmp_path, search_time=0)
+    assert result["interrupted"] is False and result["config"]["search_time"] == 0
+    assert result["greedy"] == dict(result["greedy"], rounds=0, steps=[],
+                                    stopped_by="search time")
+    stages = {e["stage"] for e in result["evaluations"]}
+    assert "sweep" in stages and "greedy" not in stages
+    assert result["holdout"]["passed"] is True and result["final_step"] == 0
+    assert result["final_settings"]["conv2"] == {"spet": {"exact": True}}
+    text = (tmp_path / "search.md").read_text()
+    assert "stopped at the search time (0 s) after 0 round(s)" in text
+    assert "Interrupted" not in text
+
+
 def test_partial_runs_equal_full_runs(tiny):
     """Starting from a DyVE layer with cached inputs gives the predictions and the effort
     counters of a run from the input, on all images and on a prefix."""
@@ -525,7 +544,8 @@ def test_conv_spet_ladder_uses_the_bound_gate_and_exact_is_opt_in():
 @pytest.mark.parametrize("flag,value,needle", [
     ("--sweep-images", "-4", "--sweep-images"), ("--seed", "-1", "--seed"),
     ("--seed", str(2 ** 40), "--seed"), ("--patience", "-1", "--patience"),
-    ("--max-images", "0", "--max-images"), ("--batch", "0", "--batch")])
+    ("--max-images", "0", "--max-images"), ("--batch", "0", "--batch"),
+    ("--search-time", "-1", "--search-time")])
 def test_bad_argument_values_are_one_line_errors(tiny, tmp_path, capsys, flag, value, needle):
     code = tune.main(["--model", tiny["model"], "--weights", tiny["weights"], "--calib",
                       tiny["calib"], "--out-dir", str(tmp_path), "--quiet", flag, value])

@@ -515,6 +515,11 @@ def tuning_markdown(result):
                f"confidence (one-sided UCB, z = {cfg['z']:.3f})")
               + f"; knobs {', '.join(result['knobs'])}",
               f"- {result['n_evaluations']} evaluations in {result['elapsed_s']:.0f} s"]
+    greedy = result.get("greedy", {})
+    if greedy.get("stopped_by") == "search time":
+        lines.append(f"- the greedy stopped at the search time ({cfg['search_time']:g} s) "
+                     f"after {greedy['rounds']} round(s); the steps accepted by then were "
+                     "certified")
     if b:
         lines.append(f"- baseline top-1 {b['accuracy']:.2f} % on the calibration images")
     lines.append("")

@@ -544,7 +544,11 @@ def main(argv=None):
     d.add_argument("--threads", default="1,2", help="OpenBLAS threads timed (default 1,2)")
     d.add_argument("--out-dir", default=REPORT_DIR, help="default %(default)s")
     d.add_argument("--time-limit", type=float,
-                   help="stop the tuner after this many seconds (best setting so far)")
+                   help="stop the tuner after this many seconds (best setting so far, "
+                        "not certified)")
+    d.add_argument("--search-time", type=float, metavar="SECONDS",
+                   help="start no greedy round after this many seconds; what was accepted "
+                        "is still certified (dyve.tune --search-time)")
     d.add_argument("--search", choices=SEARCHES, default="labels",
                    help="judge the search on labelled tuning photos, or label-free on "
                         "their crops and flips (default %(default)s)")
@@ -559,8 +563,9 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
             print(format_check(result))
         elif args.command == "dyve":
+            extra = {} if args.search_time is None else {"search_time": args.search_time}
             dyve(args.images, args.out_dir, args.threads, time_limit=args.time_limit,
-                 search=args.search)
+                 search=args.search, tune_options=extra)
         elif args.command == "split":
             for half, folder in split_halves(args.images).items():
                 print(f"{half}: {folder}")

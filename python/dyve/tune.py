@@ -176,7 +176,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
          holdout=0.3, confidence=0.95, batch=100, max_images=None, out_dir=None,
          train_val=None, patience=1, sweep_images=None, cache_mb=2048, bank_gains=False,
          progress=True, hook=None, write=True, search_images=None, search_count=None,
-         search_budget=None, workers=1, ray=None, certify="bound"):
+         search_budget=None, workers=1, ray=None, certify="bound", search_time=None):
     """Tune the DyVE knobs of `model` with `weights` on `calib` (see the module docstring).
 
     `hook`, if given, is called with each evaluation record (a dict) right after it is
@@ -187,6 +187,9 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     (docs/tuner.md, Label-free search).
     `certify`: "bound" or "estimate", what of the holdout's loss must be within
     `budget` (CERTIFY).
+    `search_time` (seconds from the start): the greedy starts no new round after it; the
+    steps accepted so far are then certified as usual (unlike an interruption, which
+    skips the certification).
     `workers` / `ray`: evaluate over that many worker processes, or on the Ray cluster
     at that address (dyve.parallel); the result is the same bit for bit.
     Returns the search.json content; writes the outputs into `out_dir` when `write`.
@@ -199,6 +202,8 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
     if bad or not knobs:
         raise TuneError(f"--knobs: unknown knob(s) {', '.join(bad) or '(none given)'}; "
                         f"choose from {', '.join(KNOBS)}")
+    if search_time is not None and not search_time >= 0:
+        raise TuneError(f"--search-time must be >= 0 seconds, got {search_time}")
     if not 0 <= holdout < 1:
         raise TuneError(f"--holdout must be in [0, 1), got {holdout}")
     z_value(confidence)
@@ -281,7 +286,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                    "confidence": confidence, "z": z_value(confidence), "batch": batch,
                    "max_images": max_images, "patience": patience,
                    "sweep_images": sweep_images, "cache_mb": cache_mb,
-                   "bank_gains": bank_gains,
+                   "bank_gains": bank_gains, "search_time": search_time,
                    "gate_se_scale": (math.sqrt(len(search_idx) / len(hold_idx))
                                      if len(hold_idx) else 1.0)},
         "units": {"loss": "percentage points of top-1 (paired, vs the dense net)",
@@ -477,12 +482,18 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
         retired = set()
         n_s = len(search_idx)
         result["greedy"] = {"tracks": [list(t) for t in tracks], "rounds": 0, "steps": [],
-                            "retired": []}
+                            "retired": [], "stopped_by": None}
         rnd = 0
         while True:
             active = [t for t in tracks if t not in retired
                       and position[t] + 1 < len(ladders[t])]
             if not active:
+                result["greedy"]["stopped_by"] = "no track left"
+                break
+            if search_time is not None and time.time() - t_start >= search_time:
+                result["greedy"]["stopped_by"] = "search time"
+                say(f"search time ({search_time:g} s) spent after {rnd} greedy round(s): "
+                    "certifying the steps accepted so far")
                 break
             rnd += 1
             result["greedy"]["rounds"] = rnd
@@ -514,6 +525,7 @@ def tune(model, weights, calib, mean=None, budget=0.5, knobs=DEFAULT_KNOBS, seed
                         retired.add(t)
                         result["greedy"]["retired"].append([name, knob, rnd])
             if not candidates:
+                result["greedy"]["stopped_by"] = "no candidate within the search budget"
                 break
             candidates.sort(key=lambda c: (c[0], c[1]))
             _, _, t, level, s, res, st, rec = candidates[0]
@@ -727,6 +739,9 @@ def main(argv=None):
                              "image then certifies (docs/tuner.md)")
     parser.add_argument("--search-count", type=int,
                         help="with --search-images: use the first N of them (default: all)")
+    parser.add_argument("--search-time", type=float, metavar="SECONDS",
+                        help="start no greedy round after this many seconds; the steps "
+                             "accepted by then are certified as usual (default: no limit)")
     parser.add_argument("--search-budget", type=float,
                         help="the search's budget in points of its statistic (default: "
                              "--budget); with --search-images it bounds disagreement with "
@@ -808,7 +823,7 @@ def main(argv=None):
             bank_gains=args.bank_gains, progress=not args.quiet,
             search_images=args.search_images, search_count=args.search_count,
             search_budget=args.search_budget, certify=args.certify,
-            workers=(args.workers if args.workers is not None or args.ray
+            search_time=args.search_time, workers=(args.workers if args.workers is not None or args.ray
                      else parallel.default_workers()),
             ray=args.ray)
         render = report.tuning_markdown

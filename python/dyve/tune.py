@@ -823,7 +823,8 @@ def main(argv=None):
             bank_gains=args.bank_gains, progress=not args.quiet,
             search_images=args.search_images, search_count=args.search_count,
             search_budget=args.search_budget, certify=args.certify,
-            search_time=args.search_time, workers=(args.workers if args.workers is not None or args.ray
+            search_time=args.search_time,
+            workers=(args.workers if args.workers is not None or args.ray
                      else parallel.default_workers()),
             ray=args.ray)
         render = report.tuning_markdown
